@@ -1,0 +1,283 @@
+"""Typed, frozen views of `params.yaml`: one dataclass per top-level section.
+
+`load_section` turns one section into its dataclass and rejects unknown keys, wrong types and
+out-of-range values before any work starts, with a message that names the file, the key, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class CommonParams:
+    """Top-level keys shared by every stage."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        ok = self.device in ("auto", "cpu", "cuda", "mps") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())
+        _check(ok, "device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded default dataset (see `instdisc.data.synthetic`)."""
+
+    num_classes: int = 10
+    train_per_class: int = 300
+    test_per_class: int = 100
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.num_classes <= 100, "num_classes", self.num_classes, "2..100")
+        _check(self.train_per_class >= 1, "train_per_class", self.train_per_class, ">= 1")
+        _check(self.test_per_class >= 1, "test_per_class", self.test_per_class, ">= 1")
+        _check(8 <= self.image_size <= 256, "image_size", self.image_size, "8..256")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """Stage `prepare`: where the images come from and how they are stored."""
+
+    source: str = "synthetic"  # "synthetic", or a folder / .zip / .tar(.gz) in <split>/<class>/<file> layout
+    on_error: Literal["skip", "fail"] = "skip"
+    max_in_memory_size: int = 64  # images up to this many pixels a side are stored as one uint8 array
+    image_size: int = 0  # resize in-memory images to this square size; 0 keeps the source size
+    train_fraction: float = 1.0  # keep this fraction of every class's training images (ablations)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "source", self.source, "'synthetic' or a path")
+        _check(self.max_in_memory_size >= 1, "max_in_memory_size", self.max_in_memory_size, ">= 1")
+        _check(self.image_size >= 0, "image_size", self.image_size, ">= 0")
+        _check(0.0 < self.train_fraction <= 1.0, "train_fraction", self.train_fraction, "(0, 1]")
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Stage `pretrain`: encoder, objective and the paper's optimisation recipe (Sec. 3, 4)."""
+
+    arch: str = "resnet18"
+    cifar_stem: bool = True  # 3x3 stem, no max-pool (small images)
+    width: float = 1.0  # channel multiplier of the ResNet trunk; 1.0 is torchvision's network
+    feature_dim: int = 128
+    loss: Literal["nce", "softmax", "parametric"] = "nce"
+    num_negatives: int = 4096  # m in the paper
+    temperature: float = 0.07  # tau
+    bank_momentum: float = 0.5
+    proximal_lambda: float = 0.0  # lambda of the proximal term; 0 turns it off
+    z_batches: int = 1  # NCE: Z is the mean over this many first batches, then held fixed
+    z_momentum: float = 0.0  # NCE: > 0 keeps Z as an EMA after the first batches
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[int, ...] = (120, 160)
+    lr_gamma: float = 0.1
+    crop_scale_min: float = 0.2
+    color_jitter: float = 0.4
+    grayscale_prob: float = 0.2
+    hflip: bool = True
+    image_size: int = 224  # crop size for images read from files (in-memory sets keep their size)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 4  # DataLoader workers for file-backed datasets
+    monitor_queries: int = 1000  # test images used by the per-epoch kNN monitor (0 = off)
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
+        _check(0.0 < self.width <= 4.0, "width", self.width, "(0, 4]")
+        _check(self.feature_dim >= 1, "feature_dim", self.feature_dim, ">= 1")
+        _check(self.num_negatives >= 1, "num_negatives", self.num_negatives, ">= 1")
+        _check(self.temperature > 0, "temperature", self.temperature, "> 0")
+        _check(0.0 <= self.bank_momentum < 1.0, "bank_momentum", self.bank_momentum, "[0, 1)")
+        _check(self.proximal_lambda >= 0, "proximal_lambda", self.proximal_lambda, ">= 0")
+        _check(self.z_batches >= 1, "z_batches", self.z_batches, ">= 1")
+        _check(0.0 <= self.z_momentum < 1.0, "z_momentum", self.z_momentum, "[0, 1)")
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(all(m >= 1 for m in self.lr_milestones), "lr_milestones", self.lr_milestones,
+               "epochs >= 1")
+        _check(0.0 < self.lr_gamma <= 1.0, "lr_gamma", self.lr_gamma, "(0, 1]")
+        _check(0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", self.crop_scale_min, "(0, 1]")
+        _check(0.0 <= self.color_jitter <= 1.0, "color_jitter", self.color_jitter, "[0, 1]")
+        _check(0.0 <= self.grayscale_prob <= 1.0, "grayscale_prob", self.grayscale_prob, "[0, 1]")
+        _check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(self.monitor_queries >= 0, "monitor_queries", self.monitor_queries, ">= 0")
+
+    def check_dataset_size(self, num_items: int) -> None:
+        """Checks that need the training-set size n (m < n: the positive is excluded)."""
+        if self.loss == "nce" and self.num_negatives >= num_items:
+            raise ParamsError(
+                f"params.yaml[pretrain][num_negatives] = {self.num_negatives}: must be smaller "
+                f"than the number of training images ({num_items})")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Stage `evaluate`: weighted kNN on recomputed features (Sec. 3.4)."""
+
+    k: int = 200
+    sigma: float = 0.0  # weight exp(sim / sigma); 0 means "use pretrain.temperature"
+    batch_size: int = 256
+    chunk_size: int = 4096  # query rows scored against the bank at a time
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "k", self.k, ">= 1")
+        _check(self.sigma >= 0, "sigma", self.sigma, ">= 0 (0 = pretrain.temperature)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.chunk_size >= 1, "chunk_size", self.chunk_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """Stage `export`: ONNX encoder for ONNX Runtime, with a parity gate and registration."""
+
+    opset: int = 20
+    dynamic_spatial: bool = True  # dynamic height/width besides dynamic batch
+    fp16: bool = False  # also write an fp16 variant for GPU serving
+    parity_batch: int = 16  # prepared test images compared between ORT and torch
+    parity_atol: float = 1e-4
+    parity_min_cosine: float = 0.9999
+    fp16_atol: float = 1e-2
+    register: bool = True  # log to MLflow and register the model
+    model_name: str = "instdisc-encoder"
+    alias: str = "candidate"
+
+    def __post_init__(self) -> None:
+        _check(13 <= self.opset <= 23, "opset", self.opset, "13..23")
+        _check(self.parity_batch >= 1, "parity_batch", self.parity_batch, ">= 1")
+        _check(self.parity_atol > 0, "parity_atol", self.parity_atol, "> 0")
+        _check(0 < self.parity_min_cosine <= 1, "parity_min_cosine", self.parity_min_cosine, "(0, 1]")
+        _check(self.fp16_atol > 0, "fp16_atol", self.fp16_atol, "> 0")
+        _check(bool(self.model_name), "model_name", self.model_name, "a non-empty name")
+        _check(bool(self.alias), "alias", self.alias, "a non-empty alias")
+
+
+SECTIONS: dict[str, type] = {
+    "prepare": PrepareParams,
+    "pretrain": PretrainParams,
+    "evaluate": EvaluateParams,
+    "export": ExportParams,
+}
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ParamsError(f"{key} = {value!r}: allowed {allowed}")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """The whole params file as a dict, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"params file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params file {str(path)!r} must hold a mapping at the top level")
+    return raw
+
+
+def load_common(path: Path) -> CommonParams:
+    """The shared top-level keys (`seed`, `device`)."""
+    raw = read_params(path)
+    names = {f.name for f in dataclasses.fields(CommonParams)}
+    return build(CommonParams, {k: v for k, v in raw.items() if k in names}, f"{path}")
+
+
+def load_section(path: Path, section: str, cls: type[T] | None = None) -> T:
+    """Read one top-level section of params.yaml into its dataclass; unknown keys are errors."""
+    cls = cls or SECTIONS.get(section)
+    if cls is None:
+        raise ParamsError(f"unknown params section {section!r}; known: {sorted(SECTIONS)}")
+    raw = read_params(path)
+    if section not in raw:
+        raise ParamsError(f"params file {str(path)!r} has no section {section!r}")
+    return build(cls, raw[section] or {}, f"{path}[{section}]")
+
+
+def build(cls: type[T], raw: Any, where: str) -> T:
+    """Construct dataclass `cls` from a mapping, checking keys and types; errors name `where`."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{where} has unknown keys {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{where}[{name}]")
+    try:
+        return cls(**values)
+    except ParamsError as err:
+        raise ParamsError(f"{where}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against the type `hint` (int, float, bool, str, Literal, tuple, dataclass)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ParamsError(f"{where} = {value!r}: allowed one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where} = {value!r}: expected a list")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where} = {value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where} = {value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where} = {value!r}: expected a string")
+        return value
+    raise AssertionError(f"unsupported params type {hint!r} at {where}")

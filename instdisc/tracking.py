@@ -1,0 +1,134 @@
+"""MLflow bookkeeping: the only module in `instdisc/` that imports mlflow.
+
+Every stage run becomes one MLflow run named after the stage, with the stage's params, per-epoch
+metrics, its metrics/plot files as artifacts, and tags for the git commit and the DVC hashes of the
+data it read. The store defaults to a local SQLite file (`sqlite:///mlflow.db` in the working
+directory, i.e. the repository root under `dvc repro`); `MLFLOW_TRACKING_URI` points it anywhere
+else. When a Prefect flow drives the pipeline it exports `INSTDISC_PARENT_RUN_ID`, and each stage
+run is nested under that parent run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "instdisc"
+PARENT_RUN_ENV = "INSTDISC_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, or the embedded SQLite default."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/dataclasses -> {"a.b": value}; lists and tuples become strings."""
+    if dataclasses.is_dataclass(params):
+        params = dataclasses.asdict(params)
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) or isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(list(value)) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def git_commit(repo: Path = Path(".")) -> str | None:
+    """HEAD's commit hash, or None outside a git repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def dvc_input_hashes(stage: str, repo: Path = Path(".")) -> dict[str, str]:
+    """{"dvc.dep.<path>": md5} for the stage's deps that an upstream stage wrote (from dvc.lock).
+
+    Under `dvc repro` the lock entry of the running stage is written only after it finishes, but
+    its inputs produced by upstream stages are already locked: those hashes name the exact data
+    version this run read.
+    """
+    dvc_yaml, dvc_lock = repo / "dvc.yaml", repo / "dvc.lock"
+    if not (dvc_yaml.is_file() and dvc_lock.is_file()):
+        return {}
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stages.get(stage, {}).get("deps", [])]
+    lock = (yaml.safe_load(dvc_lock.read_text()) or {}).get("stages", {})
+    produced = {o["path"]: o.get("md5") for entry in lock.values() for o in entry.get("outs", [])}
+    return {f"dvc.dep.{d}": produced[d] for d in deps if produced.get(d)}
+
+
+@contextlib.contextmanager
+def run(stage: str, params: Mapping[str, Any] | Any, *, enabled: bool = True,
+        repo: Path = Path(".")) -> Iterator[str | None]:
+    """Start the MLflow run of one stage; yields its run id (None when `enabled` is False).
+
+    `enabled=False` (non-zero DDP ranks) makes every call in this module a no-op inside the block.
+    """
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    tags = {"instdisc.stage": stage, **dvc_input_hashes(stage, repo)}
+    commit = git_commit(repo)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as active:
+        mlflow.log_params(flatten(params))
+        log.info("MLflow run %s (%s) at %s", active.info.run_id, stage, tracking_uri())
+        yield active.info.run_id
+
+
+def _active() -> bool:
+    import mlflow
+
+    return mlflow.active_run() is not None
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run (dots kept; non-numbers skipped)."""
+    if not _active():
+        return
+    import mlflow
+
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    mlflow.log_metrics(numeric, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    """Attach a file to the active run, if there is one and the file exists."""
+    if not _active() or not Path(path).exists():
+        return
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Tag the active run."""
+    if not _active():
+        return
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
