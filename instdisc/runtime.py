@@ -1,0 +1,86 @@
+"""Where and how a stage runs: device choice, seeding, and torchrun/DDP process groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on (for example a non-finite loss); the message says why."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> cuda:<local_rank> when CUDA is available, else mps, else cpu.
+
+    An explicitly requested accelerator that is absent is an error, not a silent CPU run.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device = {name!r} but CUDA is not available on this machine; "
+                         "use device: auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device = {name!r} but MPS is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`: every random draw inside an epoch follows from it (DESIGN.md)."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 outside torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_nccl = device_name != "cpu" and torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    log.info("distributed: rank %d/%d (local rank %d)", rank, world_size, local_rank)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny synthetic configuration and a throw-away git + DVC copy of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# Small enough that prepare -> pretrain -> evaluate -> export takes seconds on 2 CPU cores.
+TINY_PARAMS = {
+    "prepare": {"synthetic": {"num_classes": 3, "train_per_class": 16, "test_per_class": 8,
+                              "image_size": 16}},
+    "pretrain": {"width": 0.125, "feature_dim": 16, "num_negatives": 8, "epochs": 2,
+                 "batch_size": 16, "lr_milestones": [1], "monitor_queries": 16,
+                 "num_workers": 0},
+    "evaluate": {"k": 5, "batch_size": 64},
+    "export": {"parity_batch": 4},
+}
+
+
+def tiny_params(overrides: dict | None = None) -> dict:
+    """The repo's params.yaml with TINY_PARAMS (and `overrides`) merged in, section by section."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for source in (TINY_PARAMS, overrides or {}):
+        _merge(params, source)
+    return params
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def pipeline_env(repo: Path) -> dict[str, str]:
+    """Environment for subprocesses in a temp pipeline repo: its own code, caches and stores."""
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": str(repo),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+        "DVC_SITE_CACHE_DIR": str(repo / ".dvc-site-cache"),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@localhost",
+        "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@localhost",
+    })
+    env.pop("INSTDISC_PARENT_RUN_ID", None)
+    return env
+
+
+def run(cmd: list[str], repo: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` in `repo` with `pipeline_env`; output captured as text."""
+    return subprocess.run(cmd, cwd=repo, env=pipeline_env(repo), capture_output=True,
+                          text=True, **kwargs)
+
+
+def make_pipeline_repo(root: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC repository holding a copy of this project's pipeline with tiny params."""
+    repo = root / "repo"
+    repo.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("instdisc", "flows"):
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, repo / name, ignore=ignore)
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        if (REPO_ROOT / name).exists():
+            shutil.copy(REPO_ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "pipeline"]):
+        out = run(cmd, repo)
+        assert out.returncode == 0, f"{cmd} failed: {out.stderr}"
+    return repo
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path: Path) -> Path:
+    """A fresh temp repo with the tiny pipeline (see `make_pipeline_repo`)."""
+    return make_pipeline_repo(tmp_path)
