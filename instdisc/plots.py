@@ -1,0 +1,107 @@
+"""Per-epoch training history: a CSV table and a PNG of its curves.
+
+Both files are written atomically (temporary file in the same folder, then `os.replace`), so a
+crash mid-write never leaves DVC a truncated plot or table. Matplotlib is drawn through
+`Figure` + `FigureCanvasAgg` directly: no global backend switch and no pyplot state, and it is
+imported inside `plot_history` so that importing this module stays cheap and side-effect free.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+
+def write_history_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
+    """One row per epoch; the header is the union of the rows' keys in first-seen order.
+
+    A key missing from a row is written as an empty cell. Parent folders are created.
+    """
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(Path(path), lambda fh: fh.write(buffer.getvalue().encode()))
+
+
+def read_history_csv(path: Path | str) -> list[dict[str, float]]:
+    """Rows of a history CSV as floats; empty or non-numeric cells become NaN."""
+    with open(path, newline="") as fh:
+        return [{key: _to_float(value) for key, value in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def plot_history(csv_path: Path | str, png_path: Path | str,
+                 columns: Sequence[str] = ("loss", "knn_top1")) -> None:
+    """One subplot per column of the history CSV against `epoch`, saved as a PNG.
+
+    Columns absent from the CSV are skipped with a warning (e.g. `knn_top1` when monitoring is
+    off); ValueError if the CSV has no rows, no `epoch` column or none of `columns`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_history_csv(csv_path)
+    if not rows:
+        raise ValueError(f"history file {str(csv_path)!r} has no rows to plot")
+    if "epoch" not in rows[0]:
+        raise ValueError(f"history file {str(csv_path)!r} has no 'epoch' column; "
+                         f"columns: {sorted(rows[0])}")
+    present = [c for c in columns if c in rows[0]]
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        log.warning("history %s has no column(s) %s; not plotted", csv_path, missing)
+    if not present:
+        raise ValueError(f"none of the columns {list(columns)} is in {str(csv_path)!r}; "
+                         f"columns: {sorted(rows[0])}")
+    figure = Figure(figsize=(4.0 * len(present), 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(present), squeeze=False)[0]
+    for ax, column in zip(axes, present):
+        points = [(r["epoch"], r[column]) for r in rows
+                  if math.isfinite(r["epoch"]) and math.isfinite(r[column])]
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, marker="o" if len(points) < 30 else None)
+        else:
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_title(column)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(column)
+        ax.grid(True, alpha=0.3)
+    _atomic_write(Path(png_path), lambda fh: figure.savefig(fh, format="png", dpi=100))
+
+
+def _to_float(value: str | None) -> float:
+    try:
+        return float(value) if value not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write through a temporary file in `path`'s folder, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
