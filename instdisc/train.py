@@ -1,0 +1,269 @@
+"""The training loop shared by every objective (Wu et al. 2018, arXiv:1805.01978, Sec. 3).
+
+`train_one_epoch` is one pass; `fit` builds the encoder, memory bank and loss from the params,
+resumes from the last checkpoint when it matches, runs the epochs with the paper's step schedule,
+monitors kNN accuracy from the bank, writes a checkpoint after every epoch and the encoder at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from instdisc import checkpoint, runtime
+from instdisc.config import PretrainParams
+from instdisc.data.augment import MEAN, STD
+from instdisc.data.prepared import PreparedDataset
+from instdisc.evaluate.knn import compute_features, knn_accuracy
+from instdisc.losses import build_loss
+from instdisc.memory_bank import MemoryBank
+from instdisc.models.encoder import build_encoder
+from instdisc.train_data import TrainData
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[dict[str, float], int, list[dict[str, float]]], None]
+
+
+class NonFiniteLossError(runtime.StageError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def lr_at(epoch: int, base_lr: float, milestones: Iterable[int], gamma: float) -> float:
+    """Step decay: base_lr * gamma^(number of milestones <= epoch), epochs counted from 0."""
+    return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def train_one_epoch(encoder: nn.Module, loss_fn: nn.Module, bank: MemoryBank,
+                    optimizer: Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
+                    autocast: Any = nullcontext, check_every: int = 50) -> dict[str, float]:
+    """One pass over `batches`; the bank is refreshed after every step, outside autograd.
+
+    Returns {"loss": mean loss, "images": count}. Raises NonFiniteLossError as soon as a
+    non-finite loss is seen (checked every `check_every` steps and at the end, to avoid a
+    device sync per step).
+    """
+    encoder.train()
+    loss_fn.train()
+    total, seen = None, 0
+    for step, (images, indices) in enumerate(batches):
+        with autocast():
+            features = encoder(images)                       # (B, D), unit norm
+        features = features.float()                          # loss math in fp32
+        loss = loss_fn(features, indices)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bank.update(indices, features.detach())              # explicit; never inside autograd
+        weighted = loss.detach() * len(indices)
+        total = weighted if total is None else total + weighted
+        seen += len(indices)
+        if step % check_every == check_every - 1 and not torch.isfinite(total):
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {step}")
+    if total is None:
+        raise ValueError("the training split yields no batch: batch_size exceeds the number "
+                         "of training images")
+    mean = (total / seen).item()
+    if not math.isfinite(mean):
+        raise NonFiniteLossError(f"mean loss of the epoch is {mean}")
+    return {"loss": mean, "images": float(seen)}
+
+
+def knn_monitor(encoder: nn.Module, bank: MemoryBank, data: TrainData, temperature: float,
+                num_queries: int) -> float:
+    """Cheap per-epoch kNN top-1 (%): bank rows as the labelled set, a slice of the test split."""
+    if num_queries <= 0 or data.test is None:
+        return float("nan")
+    features, labels = data.test_features(encoder, num_queries)
+    acc = knn_accuracy(bank.features, data.train_labels, features, labels,
+                       num_classes=data.num_classes, k=min(200, bank.num_items),
+                       sigma=temperature)
+    return acc["top1"]
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything `fit` builds once: modules, optimizer and data, on one device."""
+
+    params: PretrainParams
+    encoder: nn.Module
+    bank: MemoryBank
+    loss_fn: nn.Module
+    optimizer: Optimizer
+    data: TrainData
+    device: torch.device
+    dist: runtime.DistInfo
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    def state(self, epoch: int, history: list[dict], fingerprint: str) -> dict[str, Any]:
+        """The resumable training checkpoint (dicts of state_dicts + plain metadata)."""
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "epoch": epoch,
+            "params": dataclasses.asdict(self.params),
+            "fingerprint": fingerprint,
+            "encoder": _unwrap(self.encoder).state_dict(),
+            "bank": self.bank.state_dict(),
+            "loss": _loss_state(_unwrap(self.loss_fn), self.bank),
+            "optimizer": self.optimizer.state_dict(),
+            "history": history,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        checkpoint.load_state_strict(_unwrap(self.encoder), state["encoder"], "checkpoint[encoder]")
+        checkpoint.load_state_strict(self.bank, state["bank"], "checkpoint[bank]")
+        _load_loss_state(_unwrap(self.loss_fn), self.bank, state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, "_orig_mod", module)                 # torch.compile
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def _bank_keys(loss_fn: nn.Module, bank: MemoryBank) -> set[str]:
+    """Keys of `loss_fn.state_dict()` that are the bank itself (saved once, as "bank")."""
+    ptr = bank.features.data_ptr()
+    return {k for k, v in loss_fn.state_dict().items() if v.data_ptr() == ptr}
+
+
+def _loss_state(loss_fn: nn.Module, bank: MemoryBank) -> dict[str, Tensor]:
+    skip = _bank_keys(loss_fn, bank)
+    return {k: v for k, v in loss_fn.state_dict().items() if k not in skip}
+
+
+def _load_loss_state(loss_fn: nn.Module, bank: MemoryBank, state: dict[str, Tensor]) -> None:
+    result = loss_fn.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - _bank_keys(loss_fn, bank)
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint[loss]: missing keys {sorted(missing)}, "
+                         f"unexpected keys {result.unexpected_keys}")
+
+
+def build_trainer(params: PretrainParams, prepared: PreparedDataset, device: torch.device,
+                  dist: runtime.DistInfo) -> Trainer:
+    """Encoder, bank, loss and SGD on `device` for the prepared dataset (validated first)."""
+    data = TrainData(prepared, params, device, dist)
+    n = data.num_items
+    params.check_dataset_size(n)
+    encoder = build_encoder(params.arch, params.feature_dim, params.cifar_stem, params.width)
+    bank = MemoryBank(n, params.feature_dim, params.bank_momentum)
+    loss_fn = build_loss(params.loss, bank=bank, num_items=n, feature_dim=params.feature_dim,
+                         num_negatives=params.num_negatives, temperature=params.temperature,
+                         z_batches=params.z_batches, z_momentum=params.z_momentum,
+                         proximal_lambda=params.proximal_lambda)
+    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
+    encoder = encoder.to(device, memory_format=memory_format)
+    bank.to(device)
+    loss_fn.to(device)
+    trainable = list(encoder.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.SGD(trainable, lr=params.lr, momentum=params.momentum,
+                                weight_decay=params.weight_decay)
+    if dist.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        encoder = DistributedDataParallel(encoder, device_ids=ids)
+        if any(p.requires_grad for p in loss_fn.parameters()):
+            loss_fn = DistributedDataParallel(loss_fn, device_ids=ids, broadcast_buffers=False)
+    if params.compile:
+        encoder = torch.compile(encoder)
+    return Trainer(params, encoder, bank, loss_fn, optimizer, data, device, dist)
+
+
+def resume_state(path: Path, params: PretrainParams, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it was made with the same params (but `epochs`) and data."""
+    if not path.is_file():
+        return None
+    state = checkpoint.load(path)
+    same = {**state["params"], "epochs": params.epochs} == _comparable(params)
+    if not same or state["fingerprint"] != fingerprint:
+        log.warning("ignoring checkpoint %s: it was made with other params or data", path)
+        return None
+    log.info("resuming from %s after epoch %d", path, state["epoch"])
+    return state
+
+
+def _comparable(params: PretrainParams) -> dict[str, Any]:
+    """asdict() after a checkpoint round trip (tuples come back as lists from torch.load)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+
+
+def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir: Path,
+        checkpoint_path: Path, dist: runtime.DistInfo = runtime.DistInfo(),
+        on_epoch_end: EpochHook | None = None, stop_after: int | None = None) -> Trainer:
+    """Train for `params.epochs` epochs (resuming when possible); returns the trained Trainer.
+
+    `stop_after` ends the run after that many epochs of this call (used to test resumption).
+    Only rank 0 writes the checkpoint; `on_epoch_end(row, epoch, history)` runs on rank 0.
+    """
+    prepared = PreparedDataset.open(prepared_dir)
+    runtime.seed_everything(seed)
+    trainer = build_trainer(params, prepared, device, dist)
+    state = resume_state(checkpoint_path, params, prepared.fingerprint)
+    if state is not None:
+        trainer.restore(state)
+    history: list[dict] = list(state["history"]) if state else []
+    start = state["epoch"] if state else 0
+    autocast = _autocast(params, device)
+    for epoch in range(start, params.epochs):
+        if stop_after is not None and epoch - start >= stop_after:
+            break
+        row = run_epoch(trainer, epoch, seed, autocast)
+        history.append(row)
+        if dist.is_main:
+            checkpoint.atomic_save(trainer.state(epoch + 1, history, prepared.fingerprint),
+                                   checkpoint_path)
+            if on_epoch_end is not None:
+                on_epoch_end(row, epoch, history)
+    trainer.history = history
+    return trainer
+
+
+def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[str, float]:
+    """Reseed, set the learning rate, train one epoch, monitor; returns the history row."""
+    params = trainer.params
+    torch.manual_seed(runtime.epoch_seed(seed, epoch))    # shuffle, augmentation, NCE noise
+    lr = lr_at(epoch, params.lr, params.lr_milestones, params.lr_gamma)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    start = time.perf_counter()
+    stats = train_one_epoch(trainer.encoder, trainer.loss_fn, trainer.bank, trainer.optimizer,
+                            trainer.data.epoch_batches(), autocast)
+    seconds = time.perf_counter() - start
+    knn_top1 = knn_monitor(trainer.encoder, trainer.bank, trainer.data, params.temperature,
+                           params.monitor_queries)
+    z = next((m.z for m in _unwrap(trainer.loss_fn).modules() if hasattr(m, "z")), float("nan"))
+    row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": lr, "z": float(z),
+           "knn_top1": knn_top1, "images_per_second": stats["images"] * trainer.dist.world_size
+           / seconds, "seconds": seconds}
+    log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  kNN %.2f%%  %.0f img/s", epoch + 1,
+             params.epochs, row["loss"], lr, row["z"], knn_top1, row["images_per_second"])
+    return row
+
+
+def _autocast(params: PretrainParams, device: torch.device) -> Any:
+    """bf16 autocast on CUDA when `amp`; a no-op context elsewhere."""
+    if params.amp and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def preprocess_meta(data: TrainData) -> dict[str, Any]:
+    """How deployed models must preprocess images (stored in the encoder file)."""
+    return {"mean": list(MEAN), "std": list(STD), "image_size": list(data.eval_image_size),
+            "resize": data.eval_resize}
