@@ -1,0 +1,1 @@
+"""Images in, batches out: sources, the prepared format, augmentation and loaders."""

@@ -1,0 +1,249 @@
+"""Stage `prepare`: turn an image source into the prepared format of `instdisc.data.prepared`.
+
+Every file under `<split>/<class>/` is decoded with Pillow and converted to RGB; unreadable ones
+are reported and left out (or are an error with on_error = "fail"). Indices are stable: images are
+ordered by (class index, file name), classes being the sorted train class folders. If every kept
+image has at most `max_in_memory_size` pixels a side, each split becomes one uint8 array (resized to
+`image_size`, or to the most common size when sizes differ); otherwise every split is a manifest of
+files: the originals of a folder source, or the images extracted from an archive into `files/`.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from instdisc.config import PrepareParams
+from instdisc.data.prepared import SplitArrays, atomic_output_dir, write_prepared
+from instdisc.data.sources import (
+    DECODE_ERRORS,
+    REQUIRED_SPLITS,
+    ImageSource,
+    decode_rgb,
+    source_kind,
+)
+from instdisc.data.synthetic import make_synthetic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    """One decoded image: a small one keeps its pixels; a file-backed one its manifest path."""
+
+    label: int
+    relpath: str  # <split>/<class>/<name>
+    size: tuple[int, int]  # (H, W) as decoded
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3), small images only
+    path: str | None = None  # manifest path: absolute original, or "files/<relpath>"
+    raw: bytes | None = None  # archive bytes of a small image, in case the storage is a manifest
+
+
+Items = dict[str, list[_Item]]  # split -> items in index order
+
+
+def prepare(params: PrepareParams, seed: int, out_dir: Path,
+            progress: bool = True) -> dict[str, Any]:
+    """Build the prepared dataset in `out_dir` (replaced atomically); returns the report.
+
+    The report (also written as report.json) has: source, kind, classes, splits (as meta.json),
+    counts per split and class, skipped [{file, reason}], converted {mode: count},
+    ignored_splits, ignored_files, storage, image_size, resized, fingerprint.
+
+    `seed` only matters for the synthetic source. Raises ValueError for a missing or unknown
+    source, a missing train/test split, a test class absent from train, an empty split, or (with
+    on_error = "fail") the first unreadable file.
+    """
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir) as tmp:
+        if params.source == "synthetic":
+            classes, items, report = _synthetic_items(params, seed)
+        else:
+            classes, items, report = _source_items(Path(params.source), params, tmp, progress)
+        items["train"] = _keep_fraction(items["train"], params.train_fraction, tmp)
+        splits, layout = _assemble(items, params, tmp)
+        report.update(layout)
+        report["counts"] = {split: _counts(its, classes) for split, its in items.items()}
+        meta, report = write_prepared(tmp, source=params.source, classes=classes,
+                                      splits=splits, report=report)
+    log.info("prepared %s -> %s: %s, %s storage, %d skipped, fingerprint %s", params.source,
+             out_dir, {s: len(v) for s, v in items.items()}, layout["storage"],
+             len(report.get("skipped", [])), meta["fingerprint"][:12])
+    return report
+
+
+def _counts(items: list[_Item], classes: list[str]) -> dict[str, int]:
+    labels = np.array([it.label for it in items], dtype=np.int64)
+    return dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist()))
+
+
+def _synthetic_items(params: PrepareParams, seed: int) -> tuple[list[str], Items, dict[str, Any]]:
+    """The embedded dataset as items (nothing to skip or convert)."""
+    syn = params.synthetic
+    arrays, classes = make_synthetic(syn.num_classes, syn.train_per_class, syn.test_per_class,
+                                     syn.image_size, seed)
+    items: Items = {}
+    for split, (images, labels) in arrays.items():
+        per_class = collections.Counter()
+        items[split] = []
+        for image, label in zip(images, labels.tolist()):
+            name = f"{split}/{classes[label]}/{per_class[label]:05d}.png"
+            per_class[label] += 1
+            items[split].append(_Item(label, name, image.shape[:2], pixels=image))
+    report = {"source": "synthetic", "kind": "synthetic", "seed": seed, "skipped": [],
+              "converted": {}, "ignored_splits": [], "ignored_files": []}
+    return classes, items, report
+
+
+def _source_items(path: Path, params: PrepareParams, tmp: Path,
+                  progress: bool) -> tuple[list[str], Items, dict[str, Any]]:
+    """Decode every file of a folder or archive; large images of an archive go to tmp/files/."""
+    source_kind(path)  # a clear error for a missing or unknown source before anything else
+    with ImageSource(path) as source:
+        classes = _check_layout(source)
+        wanted = [e for e in source.entries if e.split in REQUIRED_SPLITS]
+        index = {name: i for i, name in enumerate(classes)}
+        items: Items = {split: [] for split in REQUIRED_SPLITS}
+        skipped, converted = [], collections.Counter()
+        bar = tqdm(source.records(wanted), total=len(wanted), desc=f"prepare {path.name}",
+                   unit="img", disable=not progress, mininterval=1.0)
+        for record in bar:
+            entry = record.entry
+            try:
+                image, mode = decode_rgb(record.data)
+            except DECODE_ERRORS as err:
+                reason = _reason(err)
+                if params.on_error == "fail":
+                    raise ValueError(f"unreadable image {entry.member!r} in {str(path)!r}: "
+                                     f"{reason}") from err
+                log.warning("skipping %s: %s", entry.member, reason)
+                skipped.append({"file": entry.member, "reason": reason})
+                continue
+            if mode != "RGB":
+                converted[mode] += 1
+            size = (image.height, image.width)
+            item = _Item(index[entry.class_name], entry.relpath, size)
+            if max(size) <= params.max_in_memory_size:
+                item.pixels = np.asarray(image)  # (H, W, 3) uint8
+            if isinstance(record.data, Path):
+                item.path = str(record.data)
+            elif item.pixels is None:
+                item.path = _extract(tmp, entry.relpath, record.data)
+            else:
+                item.raw = record.data
+            items[entry.split].append(item)
+    for split, its in items.items():
+        if not its:
+            raise ValueError(f"{str(path)!r}: split {split!r} has no readable image")
+    report = {"source": str(path), "kind": source.kind, "skipped": skipped,
+              "converted": dict(sorted(converted.items())),
+              "ignored_splits": [s for s in source.splits if s not in REQUIRED_SPLITS],
+              "ignored_files": source.ignored}
+    return classes, items, report
+
+
+def _check_layout(source: ImageSource) -> list[str]:
+    """The classes (sorted train class folders); ValueError for missing splits or test classes."""
+    missing = [s for s in REQUIRED_SPLITS if s not in source.splits]
+    if missing:
+        raise ValueError(f"{str(source.path)!r} has no {' or '.join(missing)} split: found "
+                         f"{source.splits or 'no <split>/<class>/<file> files'}; expected "
+                         "train/<class>/<file> and test/<class>/<file>")
+    classes = source.classes("train")
+    extra = sorted(set(source.classes("test")) - set(classes))
+    if extra:
+        raise ValueError(f"{str(source.path)!r}: test classes {extra} have no train folder "
+                         f"(train classes: {classes})")
+    absent = sorted(set(classes) - set(source.classes("test")))
+    if absent:
+        log.warning("%s: train classes %s have no test images", source.path, absent)
+    return classes
+
+
+def _reason(err: Exception) -> str:
+    """A stable, readable reason for a decoding failure (no object addresses)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image (Pillow cannot identify the file)"
+    return f"{type(err).__name__}: {err}"
+
+
+def _extract(tmp: Path, relpath: str, data: bytes) -> str:
+    """Write archive bytes to tmp/files/<relpath>; returns the manifest path."""
+    target = tmp / "files" / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return f"files/{relpath}"
+
+
+def _keep_fraction(items: list[_Item], fraction: float, tmp: Path) -> list[_Item]:
+    """The first ceil(fraction * count) items of every class, in index order."""
+    if fraction >= 1.0:
+        return items
+    counts = collections.Counter(it.label for it in items)
+    keep = {label: math.ceil(fraction * count) for label, count in counts.items()}
+    seen: collections.Counter = collections.Counter()
+    kept = []
+    for it in items:
+        seen[it.label] += 1
+        if seen[it.label] <= keep[it.label]:
+            kept.append(it)
+        elif it.path and it.path.startswith("files/"):
+            (tmp / it.path).unlink()  # extracted, then dropped
+    log.info("train_fraction %.3g: kept %d of %d training images", fraction, len(kept), len(items))
+    return kept
+
+
+def _assemble(items: Items, params: PrepareParams,
+              tmp: Path) -> tuple[dict[str, SplitArrays], dict[str, Any]]:
+    """SplitArrays per split plus the storage part of the report."""
+    labels = {s: np.array([it.label for it in its], dtype=np.int64) for s, its in items.items()}
+    every = [it for its in items.values() for it in its]
+    large = [it for it in every if max(it.size) > params.max_in_memory_size]
+    if large:
+        log.info("%d images exceed max_in_memory_size = %d (e.g. %s): manifest storage",
+                 len(large), params.max_in_memory_size, large[0].relpath)
+        paths = {s: [it.path or _write_file(tmp, it) for it in its] for s, its in items.items()}
+        splits = {s: SplitArrays(labels[s], paths=paths[s]) for s in items}
+        return splits, {"storage": "manifest", "image_size": None, "resized": None}
+    if params.image_size > 0:
+        size, why = (params.image_size, params.image_size), "image_size"
+    else:
+        sizes = collections.Counter(it.size for it in every)
+        size = max(sizes, key=lambda s: (sizes[s], s))  # most common; ties -> the larger
+        why = "most common size" if len(sizes) > 1 else None
+    resized = 0
+    splits = {}
+    for split, its in items.items():
+        images = np.empty((len(its), size[0], size[1], 3), np.uint8)  # (N, H, W, 3)
+        for i, it in enumerate(its):
+            images[i] = it.pixels if it.size == size else _resize(it.pixels, size)
+            resized += it.size != size
+        splits[split] = SplitArrays(labels[split], images=images)
+    if resized:
+        log.info("resized %d images to %dx%d (%s)", resized, size[0], size[1], why)
+    summary = {"count": resized, "to": list(size), "why": why} if resized else None
+    return splits, {"storage": "array", "image_size": list(size), "resized": summary}
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (h, w, 3) -> (H, W, 3), bicubic with Pillow's antialiasing (aspect not kept)."""
+    image = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+def _write_file(tmp: Path, item: _Item) -> str:
+    """Put a small image that has no file yet under tmp/files/ (archive bytes, or a PNG)."""
+    if item.raw is None:
+        buffer = io.BytesIO()
+        Image.fromarray(item.pixels).save(buffer, format="PNG")
+        item.raw = buffer.getvalue()
+    return _extract(tmp, item.relpath, item.raw)

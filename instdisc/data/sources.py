@@ -1,0 +1,251 @@
+"""Read the files of an image source laid out `<split>/<class>/<file>`: a folder, a .zip or a .tar.
+
+An archive (or folder) may wrap the tree in one extra top-level folder (`cifar10/train/...`).
+Hidden entries (a name part starting with "." such as `.DS_Store`, and `__MACOSX/`) are skipped
+silently. Files under a class folder are yielded whatever their type, so that the caller can report
+a README or a corrupt JPEG as unreadable; files outside any class folder (`README.md`,
+`train/labels.txt`) are listed in `ImageSource.ignored`. Files in sub-folders of a class folder
+belong to that class, as in torchvision's ImageFolder.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+REQUIRED_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file under a class folder; `name` is its path below the class folder ('/'-separated)."""
+
+    split: str
+    class_name: str
+    name: str
+    member: str  # path inside the archive or folder, as given there (for reports and errors)
+
+    @property
+    def relpath(self) -> str:
+        """`<split>/<class>/<name>`, without any top-level wrapper folder."""
+        return f"{self.split}/{self.class_name}/{self.name}"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """An entry and its content: bytes for archives, the absolute file path for folders."""
+
+    entry: Entry
+    data: bytes | Path
+
+    def read(self) -> bytes:
+        return self.data.read_bytes() if isinstance(self.data, Path) else self.data
+
+
+def source_kind(path: Path) -> str:
+    """'folder', 'zip' or 'tar'; ValueError naming the path if it is missing or of unknown type."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"image source {str(path)!r} does not exist")
+    if path.is_dir():
+        return "folder"
+    name = path.name.lower()
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "tar"
+    raise ValueError(f"image source {str(path)!r} is neither a folder nor one of "
+                     f"{', '.join(ARCHIVE_SUFFIXES)}")
+
+
+class ImageSource:
+    """The sorted file listing of one source, and its contents on demand (a context manager).
+
+    `entries` is sorted by (split, class, name); `records()` yields them in that order. A
+    compressed tar is read fast only if its members are stored in that order too (otherwise
+    every backward step re-reads the stream from the start); zips and folders do not care.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).resolve()
+        self.kind = source_kind(self.path)
+        self._archive: zipfile.ZipFile | tarfile.TarFile | None = None
+        self._tar_members: dict[str, tarfile.TarInfo] = {}
+        try:
+            members = self._open_listing()
+            self.entries, self.ignored = _layout(members, self.path)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
+            self.close()
+            raise ValueError(f"cannot read archive {str(self.path)!r}: {err}") from err
+        except ValueError:
+            self.close()
+            raise
+
+    def _open_listing(self) -> list[str]:
+        """Open the archive (if any) and list its files."""
+        if self.kind == "zip":
+            self._archive = zipfile.ZipFile(self.path)
+            members = [i.filename for i in self._archive.infolist() if not i.is_dir()]
+        elif self.kind == "tar":
+            self._archive = tarfile.open(self.path)
+            infos = self._archive.getmembers()
+            links = [i.name for i in infos if not (i.isfile() or i.isdir())]
+            if links:
+                log.warning("%s: %d links or special members skipped, e.g. %s", self.path,
+                            len(links), links[0])
+            self._tar_members = {i.name: i for i in infos if i.isfile()}
+            members = list(self._tar_members)
+        else:
+            members = _walk(self.path)
+        return members
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._archive is not None:
+            self._archive.close()
+            self._archive = None
+
+    @property
+    def splits(self) -> list[str]:
+        """Split folder names found, sorted."""
+        return sorted({e.split for e in self.entries})
+
+    def classes(self, split: str) -> list[str]:
+        """Class folder names of one split, sorted."""
+        return sorted({e.class_name for e in self.entries if e.split == split})
+
+    def records(self, entries: list[Entry] | None = None) -> Iterator[SourceRecord]:
+        """Yield (entry, content) for `entries` (default: all), in the order given.
+
+        A member the archive cannot deliver (bad CRC, truncated stream) is a ValueError naming
+        it: the archive itself is damaged, which is not the same as one unreadable image.
+        """
+        for entry in self.entries if entries is None else entries:
+            if self.kind == "folder":
+                yield SourceRecord(entry, self.path / entry.member)
+                continue
+            try:
+                data = self._read_member(entry.member)
+            except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as err:
+                raise ValueError(f"cannot read {entry.member!r} from {str(self.path)!r}: "
+                                 f"{err}") from err
+            yield SourceRecord(entry, data)
+
+    def _read_member(self, member: str) -> bytes:
+        if isinstance(self._archive, zipfile.ZipFile):
+            return self._archive.read(member)
+        assert isinstance(self._archive, tarfile.TarFile), "source is closed"
+        handle = self._archive.extractfile(self._tar_members[member])
+        assert handle is not None, member
+        return handle.read()
+
+
+def iter_source(path: Path) -> Iterator[SourceRecord]:
+    """Every file under a class folder of the source at `path`, sorted by (split, class, name)."""
+    with ImageSource(path) as source:
+        yield from source.records()
+
+
+def decode_rgb(data: bytes | Path) -> tuple[Image.Image, str]:
+    """Decode an image fully and convert it to RGB; returns (image, original mode).
+
+    Raises whatever Pillow raises for unreadable data (see `DECODE_ERRORS`). Alpha is dropped
+    and palettes are expanded, as `PIL.Image.convert("RGB")` does (torchvision's loader);
+    16/32-bit grayscale is scaled to 8 bits rather than clipped. EXIF orientation is not applied
+    (torchvision's loader does not either).
+    """
+    if isinstance(data, Path):
+        data = data.read_bytes()
+    if not data:
+        raise ValueError("empty file")
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decodes everything: truncated files fail here, not later
+        mode = image.mode
+        if mode == "RGB":
+            return image.copy(), mode
+        if mode == "P" and "transparency" in image.info:
+            return image.convert("RGBA").convert("RGB"), mode
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            return _wide_gray_to_rgb(image), mode
+        return image.convert("RGB"), mode
+
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit ('I;16*'), 32-bit int ('I') or float ('F') grayscale -> 8-bit RGB, scaled by range."""
+    values = np.asarray(image, dtype=np.float64)
+    peak = float(values.max(initial=0))
+    if image.mode == "F":
+        top = 1.0 if peak <= 1.0 else 255.0
+    else:
+        top = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+    gray = np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _walk(root: Path) -> list[str]:
+    """Relative '/'-separated paths of the files under `root`, hidden folders not entered."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        rel = Path(folder).relative_to(root)
+        found.extend((rel / f).as_posix() for f in files)
+    return found
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _check_member(member: str, archive: Path) -> PurePosixPath:
+    """The member's path; ValueError for absolute paths, '..' parts, drive letters or links."""
+    path = PurePosixPath(member.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise ValueError(f"unsafe member {member!r} in {str(archive)!r}: absolute path or '..'")
+    return path
+
+
+def _layout(members: list[str], root: Path) -> tuple[list[Entry], list[str]]:
+    """Map member paths to sorted entries `<split>/<class>/<name>` plus the non-hidden leftovers."""
+    parts: dict[str, tuple[str, ...]] = {}
+    for member in members:
+        path = _check_member(member, root)
+        if any(_hidden(p) for p in path.parts):
+            continue
+        parts[member] = tuple(p for p in path.parts if p != ".")
+    # One wrapper folder around the whole tree is dropped (`cifar10/train/...`), unless it is
+    # itself a split folder; files next to it stay where they are (and are ignored).
+    tops = {p[0] for p in parts.values() if len(p) > 1}
+    if len(tops) == 1 and not tops & set(REQUIRED_SPLITS):
+        parts = {m: p[1:] if len(p) > 1 else p for m, p in parts.items()}
+    entries, ignored = [], []
+    for member, p in parts.items():
+        if len(p) >= 3:
+            entries.append(Entry(p[0], p[1], "/".join(p[2:]), member))
+        else:
+            ignored.append(member)
+    entries.sort(key=lambda e: (e.split, e.class_name, e.name))
+    if ignored:
+        log.info("%s: %d files outside <split>/<class>/ ignored, e.g. %s", root, len(ignored),
+                 sorted(ignored)[0])
+    return entries, sorted(ignored)
