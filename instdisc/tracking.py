@@ -132,3 +132,61 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def _requirement(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return dist
+
+
+def log_onnx_model(path: Path, registered_model_name: str | None = None, alias: str | None = None,
+                   *, metadata: Mapping[str, Any] | None = None,
+                   version_tags: Mapping[str, Any] | None = None) -> str | None:
+    """Log an ONNX file as the active run's model; register it and point `alias` at the version.
+
+    The file is stored as one `model.onnx` (no external-data sidecar), with an `MLmodel` whose
+    pip requirements name onnxruntime-gpu (set explicitly: inferring them costs seconds).
+    Returns the registered version (None without an active run or without a registered name).
+    """
+    if not _active():
+        return None
+    import mlflow
+    import mlflow.onnx
+
+    info = mlflow.onnx.log_model(
+        Path(path).read_bytes(), name="model", registered_model_name=registered_model_name,
+        save_as_external_data=False, metadata=dict(metadata or {}),
+        pip_requirements=[_requirement(d) for d in ("onnxruntime-gpu", "numpy", "pillow")])
+    if registered_model_name is None:
+        return None
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in (version_tags or {}).items():
+        client.set_model_version_tag(registered_model_name, version, key, str(value))
+    if alias:
+        client.set_registered_model_alias(registered_model_name, alias, version)
+    log.info("registered %s version %s%s", registered_model_name, version,
+             f" as @{alias}" if alias else "")
+    return version
+
+
+def download_onnx_model(uri: str, dst_path: Path | None = None) -> Path:
+    """A logged ONNX model (`models:/name@alias`, `models:/name/3`, `runs:/...`) -> local .onnx.
+
+    This is how production code loads a registered encoder:
+    `Embedder(download_onnx_model("models:/instdisc-encoder@candidate"))`.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=None if dst_path is None else str(dst_path)))
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+    if len(found) != 1:
+        raise ValueError(f"{uri!r} should hold exactly one .onnx file, found "
+                         f"{[str(p.relative_to(local)) for p in found]}")
+    return found[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
@@ -39,7 +38,7 @@ class TrainData:
         in_memory = self.train.storage == "array"
         size = tuple(self.train.image_size) if in_memory else (params.image_size,) * 2
         self.eval_image_size: tuple[int, int] = size
-        self.eval_resize: int | None = None if in_memory else round(params.image_size / 0.875)
+        self.eval_resize: int | None = None if in_memory else int(params.image_size / 0.875)
         self.augment = BatchAugment(
             out_size=size, crop_scale=(params.crop_scale_min, 1.0),
             color_jitter=params.color_jitter, grayscale_prob=params.grayscale_prob,
@@ -59,11 +58,8 @@ class TrainData:
         """Encoder features and labels of the first `num_queries` test images."""
         assert self.test is not None, "no test split"
         count = min(num_queries, self.test.num_items)
-        batch_size = min(256, count)
-        batches = loaders.eval_batches(self.test, batch_size, self.device,
-                                       image_size=self.eval_image_size[0],
-                                       num_workers=min(2, self.params.num_workers))
-        first = itertools.islice(batches, -(-count // batch_size))          # ceil(count / B)
-        trimmed = ((x[i < count], i[i < count]) for x, i in first)
-        features = compute_features(encoder, trimmed, count, self.device, progress=False)
+        batches = loaders.eval_batches(self.test, 256, self.device,
+                                       image_size=self.eval_image_size[0], resize=self.eval_resize,
+                                       num_workers=min(2, self.params.num_workers), limit=count)
+        features = compute_features(encoder, batches, count, self.device, progress=False)
         return features, self.test.labels[:count].to(self.device)

@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def knn_of(encoder: nn.Module, prepared: PreparedDataset, device: torch.device, *, k: int,
-           sigma: float, batch_size: int, chunk_size: int, image_size: int) -> dict[str, float]:
+           sigma: float, batch_size: int, chunk_size: int, image_size: int,
+           resize: int | None) -> dict[str, float]:
     """Top-1/top-5 (%) of test images classified by their k nearest training images."""
     train, test = prepared.split("train"), prepared.split("test")
     feats = {}
     for split in (train, test):
-        batches = loaders.eval_batches(split, batch_size, device, image_size=image_size)
+        batches = loaders.eval_batches(split, batch_size, device, image_size=image_size,
+                                       resize=resize)
         feats[split.name] = compute_features(encoder, batches, split.num_items, device)
     k_eff = min(k, train.num_items)
     if k_eff < k:
@@ -50,7 +52,7 @@ def evaluate_encoder(encoder_path: Path, prepared_dir: Path, device: torch.devic
                          f"{prepared.fingerprint[:12]}: re-run pretraining")
     pre = meta["preprocess"]
     opts = dict(k=k, sigma=sigma, batch_size=batch_size, chunk_size=chunk_size,
-                image_size=pre["image_size"][0])
+                image_size=pre["image_size"][0], resize=pre.get("resize"))
     trained = knn_of(encoder, prepared, device, **opts)
     runtime.seed_everything(seed)
     random_init = build_encoder(**meta["encoder_config"]).to(device).eval()

@@ -1,0 +1,284 @@
+"""ONNX export of the trained encoder, its parity gate, and the `export` DVC stage.
+
+The only module that imports onnx and torch.onnx. The exported graph is the eval-mode encoder
+*with its preprocessing*: input `images` uint8 (B, H, W, 3) RGB, output `embeddings` float32
+(B, D) with unit L2 norm (Wu et al. 2018, arXiv:1805.01978, Sec. 3.1). The graph casts to float,
+applies the training mean/std and transposes to NCHW, so production code never re-implements the
+normalisation and sends 4x fewer bytes to the GPU. Resizing and cropping stay outside the graph
+(`instdisc.embedder.fit_image`): they depend on the source image. Batch is dynamic; height and
+width are dynamic where the exporter proves the network accepts them. `ModelInfo` (image size,
+mean/std, feature dim, opset, training run id, ...) is stored in the model's `metadata_props`.
+Weights are embedded: one self-contained .onnx file, no external-data sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from instdisc import checkpoint, tracking
+from instdisc.config import ExportParams
+from instdisc.embed_index import atomic_write
+from instdisc.embedder import INPUT, OUTPUT, Embedder, ModelInfo, fit_image, load_rgb
+from instdisc.runtime import StageError
+
+log = logging.getLogger(__name__)
+
+MIN_SPATIAL = 8  # smallest H, W the dynamic-shape export admits
+FP16_MIN_COSINE = 0.999  # fp16 gate besides fp16_atol (unit vectors: cos = 1 - |a - b|^2 / 2)
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's own INFO lines (hundreds per export) only at WARNING and above."""
+    names = CHATTY_LOGGERS + (() if os.environ.get("TORCH_TRACE") else ("torch.__trace",))
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class ServingModel(nn.Module):
+    """uint8 (B, H, W, 3) RGB pixels -> (B, D) unit-norm embeddings: preprocessing + encoder.
+
+    `(x - 255 * mean) / (255 * std)` equals training's `(x / 255 - mean) / std`. With `half`, the
+    trunk and head run in fp16 and the L2 normalisation in fp32 (its sum of squares can overflow
+    fp16); inputs and outputs keep their dtypes.
+    """
+
+    def __init__(self, encoder: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 half: bool = False) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder).eval()
+        self.half_precision = half
+        dtype = torch.float16 if half else torch.float32
+        self.register_buffer("offset", (255 * torch.tensor(mean)).view(1, 3, 1, 1).to(dtype))
+        self.register_buffer("scale", (255 * torch.tensor(std)).view(1, 3, 1, 1).to(dtype))
+        if half:
+            self.encoder.half()
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.permute(0, 3, 1, 2).to(self.offset.dtype)     # (B, 3, H, W)
+        x = (x - self.offset) / self.scale                         # (B, 3, H, W), normalised
+        if not self.half_precision:
+            return self.encoder(x)                                 # (B, D), unit norm
+        features = self.encoder.head(self.encoder.pooled(x))       # (B, D), fp16
+        return F.normalize(features.float(), dim=1)                # (B, D), fp32 unit norm
+
+
+def model_info(encoder: nn.Module, meta: dict[str, Any], opset: int, **extra: Any) -> ModelInfo:
+    """ModelInfo from `load_encoder`'s meta; ValueError naming a missing preprocess key."""
+    preprocess = meta.get("preprocess") or {}
+    missing = [k for k in ("mean", "std", "image_size") if k not in preprocess]
+    if missing:
+        raise ValueError(f"encoder meta['preprocess'] lacks keys {missing}")
+    return ModelInfo(
+        image_size=tuple(int(s) for s in preprocess["image_size"]),
+        mean=tuple(float(m) for m in preprocess["mean"]),
+        std=tuple(float(s) for s in preprocess["std"]),
+        resize=preprocess.get("resize"), feature_dim=int(encoder.feature_dim), opset=opset,
+        train_run_id=str(meta.get("mlflow_run_id") or ""),
+        encoder_config=dict(meta.get("encoder_config", {})), **extra)
+
+
+def _export_program(model: nn.Module, example: Tensor, opset: int,
+                    spatial: bool) -> onnx.ModelProto:
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1)}
+    if spatial:
+        dims[1] = torch.export.Dim("height", min=MIN_SPATIAL)
+        dims[2] = torch.export.Dim("width", min=MIN_SPATIAL)
+    program = torch.onnx.export(model, (example,), input_names=[INPUT], output_names=[OUTPUT],
+                                opset_version=opset, dynamic_shapes={"images": dims},
+                                external_data=False, dynamo=True, verbose=False)
+    return program.model_proto
+
+
+def to_onnx(encoder: nn.Module, info: ModelInfo, path: Path, *, dynamic_spatial: bool = True,
+            half: bool = False) -> ModelInfo:
+    """Export `encoder` + preprocessing to one .onnx file at `path` (atomically).
+
+    Returns the ModelInfo written into the file (dtype and dynamic_spatial as actually exported).
+    """
+    model = ServingModel(encoder, info.mean, info.std, half=half).eval()
+    h, w = info.image_size
+    example = torch.zeros((2, h, w, 3), dtype=torch.uint8)                      # (B, H, W, 3)
+    with torch.no_grad(), _quiet_exporter():
+        proto, spatial = None, dynamic_spatial
+        if dynamic_spatial:
+            try:
+                proto = _export_program(model, example, info.opset, spatial=True)
+            except Exception as err:  # torch.export raises many types for unprovable shapes
+                log.warning("dynamic height/width export failed (%s); exporting %dx%d only",
+                            str(err).splitlines()[0][:200], h, w)
+                spatial = False
+        if proto is None:
+            proto = _export_program(model, example, info.opset, spatial=False)
+    info = dataclasses.replace(info, dtype="float16" if half else "float32",
+                               dynamic_spatial=spatial)
+    for key, value in info.to_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = (f"instdisc encoder: {INPUT} uint8 (B, H, W, 3) RGB -> {OUTPUT} float32 "
+                        f"(B, {info.feature_dim}) unit norm; metadata keys instdisc.*")
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+    return info
+
+
+@torch.no_grad()
+def reference_embeddings(encoder: nn.Module, images: np.ndarray) -> np.ndarray:
+    """PyTorch eager embeddings of uint8 (N, H, W, 3) images through training's eval transform."""
+    from instdisc.data.augment import eval_transform
+
+    x = eval_transform(torch.from_numpy(np.ascontiguousarray(images)))        # (N, 3, H, W)
+    return encoder.eval()(x).float().numpy()                                   # (N, D)
+
+
+def check_parity(path: Path, encoder: nn.Module, images: np.ndarray, *, atol: float,
+                 min_cosine: float, device: str = "cpu") -> dict[str, Any]:
+    """`onnx.checker` + ONNX Runtime vs PyTorch on uint8 (N, H, W, 3) `images`.
+
+    Also runs image 0 alone (batch 1) to check the dynamic batch axis. Returns max |diff|, the
+    smallest cosine, the provider used and `passed` (max |diff| <= atol and cosine >= min_cosine).
+    """
+    onnx.checker.check_model(str(path), full_check=True)
+    embedder = Embedder(path, device=device, batch_size=len(images))
+    expected = reference_embeddings(encoder, images)                           # (N, D)
+    got = embedder.run(images)                                                 # (N, D)
+    single = embedder.run(images[:1])                                          # (1, D)
+    diff = max(float(np.abs(got - expected).max()), float(np.abs(single - expected[:1]).max()))
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1)
+                                        * np.linalg.norm(expected, axis=1))    # (N,)
+    result = {"max_abs_diff": diff, "min_cosine": float(cosine.min()), "num_images": len(images),
+              "provider": embedder.provider, "atol": atol, "min_cosine_bound": min_cosine}
+    result["passed"] = bool(diff <= atol and result["min_cosine"] >= min_cosine)
+    return result
+
+
+def parity_images(prepared_dir: Path, count: int, image_size: tuple[int, int],
+                  resize: int | None = None) -> np.ndarray:
+    """`count` evenly spaced test images of the prepared dataset as uint8 (count, H, W, 3).
+
+    Files (manifest storage) go through the serving preprocessing (`fit_image`), so the check
+    covers what production feeds the model.
+    """
+    from PIL import Image
+
+    from instdisc.data.prepared import PreparedDataset
+
+    prepared = PreparedDataset.open(prepared_dir)
+    split = prepared.split("test" if "test" in prepared.meta["splits"] else "train")
+    rows = np.unique(np.linspace(0, split.num_items - 1, min(count, split.num_items)).round())
+    rows = rows.astype(np.int64)
+    if split.images is not None:
+        images = split.images.numpy()[rows]                                      # (n, h, w, 3)
+        if tuple(images.shape[1:3]) == tuple(image_size):
+            return np.ascontiguousarray(images)
+        sources = [Image.fromarray(image, "RGB") for image in images]
+    else:
+        sources = [load_rgb(split.paths[r]) for r in rows]
+    return np.stack([fit_image(s, image_size, resize) for s in sources])       # (n, H, W, 3)
+
+
+class Variant(NamedTuple):
+    """One file the stage writes and the gate it must pass."""
+
+    name: str  # "fp32" | "fp16"
+    path: Path
+    half: bool
+    atol: float
+    min_cosine: float
+    device: str  # where ONNX Runtime runs the parity check
+
+
+def run_export(params: ExportParams, encoder_path: Path, prepared_dir: Path,
+               out_path: Path, device: str = "auto") -> dict[str, Any]:
+    """DVC stage `export`: ONNX file(s) next to `out_path`, parity gate, MLflow model + alias.
+
+    The fp32 gate always runs on the CPU (the reference platform); the fp16 one on `device`
+    (params.yaml `device`: auto/cuda* -> CUDA if usable, else CPU). A failed gate raises
+    StageError: the stage fails and `out_path` keeps its previous content.
+    """
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    encoder, meta = checkpoint.load_encoder(encoder_path)
+    info = model_info(encoder, meta, params.opset,
+                      dataset_fingerprint=str(meta.get("fingerprint") or ""))
+    images = parity_images(prepared_dir, params.parity_batch, info.image_size, info.resize)
+    variants = [Variant("fp32", out_path, False, params.parity_atol, params.parity_min_cosine,
+                        "cpu")]
+    if params.fp16:  # checked on the GPU when there is one: that is where fp16 is served
+        variants.append(Variant("fp16", out_path.with_suffix(".fp16.onnx"), True,
+                                params.fp16_atol, FP16_MIN_COSINE,
+                                "cpu" if device == "cpu" else "auto"))
+    metrics: dict[str, Any] = {"opset": params.opset, "feature_dim": info.feature_dim,
+                               "image_size": list(info.image_size)}
+    with tracking.run("export", {"export": params, "device": device}) as run_id:
+        info = dataclasses.replace(info, export_run_id=run_id or "")
+        exported = export_gated(encoder, info, images, variants, params.dynamic_spatial, metrics)
+        metrics["dynamic_spatial"] = exported["fp32"].dynamic_spatial
+        metrics["export_seconds"] = round(time.perf_counter() - start, 2)
+        tracking.log_metrics({"export_seconds": metrics["export_seconds"]})
+        if params.fp16:
+            tracking.log_artifact(variants[1].path, artifact_path="fp16")
+        if params.register:
+            version = tracking.log_onnx_model(
+                out_path, params.model_name, params.alias,
+                metadata={"instdisc": exported["fp32"].as_dict()},
+                version_tags={"opset": params.opset, "image_size": list(info.image_size),
+                              "parity.max_abs_diff": metrics["parity"]["max_abs_diff"]})
+            metrics["registry"] = {"model_name": params.model_name, "alias": params.alias,
+                                   "version": version, "run_id": run_id}
+    return metrics
+
+
+def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
+                 variants: list[Variant], dynamic_spatial: bool,
+                 metrics: dict[str, Any]) -> dict[str, ModelInfo]:
+    """Export every variant to a staged file, check parity, then move all into place together.
+
+    Parity results go into `metrics` ("parity", "fp16_parity") and MLflow; on any failure no
+    file is moved and StageError names the numbers and their bounds.
+    """
+    staged, exported = [], {}
+    try:
+        for v in variants:
+            tmp = v.path.with_name(f".{v.path.name}.staged")
+            staged.append((tmp, v.path))
+            exported[v.name] = to_onnx(encoder, info, tmp, dynamic_spatial=dynamic_spatial,
+                                       half=v.half)
+            parity = check_parity(tmp, encoder, images, atol=v.atol, min_cosine=v.min_cosine,
+                                  device=v.device)
+            key = "parity" if v.name == "fp32" else f"{v.name}_parity"
+            metrics[key], metrics[f"{v.name}_bytes"] = parity, tmp.stat().st_size
+            tracking.log_metrics({f"{key}.max_abs_diff": parity["max_abs_diff"],
+                                  f"{key}.min_cosine": parity["min_cosine"]})
+            if not parity["passed"]:
+                raise StageError(f"{v.name} ONNX parity failed on {parity['num_images']} images: "
+                                 f"max |diff| {parity['max_abs_diff']:.3e} (bound {v.atol}), min "
+                                 f"cosine {parity['min_cosine']:.7f} (bound {v.min_cosine})")
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return exported

@@ -1,0 +1,187 @@
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_encoder_file, tiny_export
+
+from instdisc import checkpoint, cli, tracking
+from instdisc.config import PrepareParams, SyntheticParams
+from instdisc.embedder import Embedder, ModelInfo
+from instdisc.export import check_parity, parity_images, reference_embeddings
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tiny synthetic prepared dataset (array storage, 16x16: smaller than the model input)."""
+    from instdisc.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    syn = SyntheticParams(num_classes=2, train_per_class=2, test_per_class=5, image_size=16)
+    prepare(PrepareParams(synthetic=syn), seed=0, out_dir=out, progress=False)
+    return out
+
+
+def test_export_is_one_checked_file_with_named_dynamic_io(tiny):
+    assert sorted(p.name for p in tiny.onnx_path.parent.glob("encoder.onnx*")) == ["encoder.onnx"]
+    model = onnx.load(str(tiny.onnx_path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == 20
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == [
+        "batch", "height", "width", 3]
+    assert out.name == "embeddings" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == [
+        "batch", FEATURE_DIM]
+
+
+def test_parity_with_pytorch_on_random_images(tiny):
+    encoder, _ = checkpoint.load_encoder(tiny.encoder_path)
+    result = check_parity(tiny.onnx_path, encoder, random_images(8), atol=1e-4, min_cosine=0.9999)
+    assert result["passed"] and result["provider"] == "CPUExecutionProvider"
+    assert result["max_abs_diff"] <= 1e-4 and result["min_cosine"] >= 0.9999
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_dynamic_batch_matches_torch(tiny, batch):
+    encoder, _ = checkpoint.load_encoder(tiny.encoder_path)
+    images = random_images(batch, seed=batch)
+    got = Embedder(tiny.onnx_path, device="cpu").run(images)
+    assert got.shape == (batch, FEATURE_DIM) and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference_embeddings(encoder, images), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_dynamic_height_and_width(tiny):
+    session = ort.InferenceSession(str(tiny.onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": random_images(3, size=40)})[0]
+    assert out.shape == (3, FEATURE_DIM)
+
+
+def test_metadata_round_trip(tiny):
+    props = {p.key: p.value for p in onnx.load(str(tiny.onnx_path)).metadata_props}
+    info = ModelInfo.from_metadata(props)
+    assert info == tiny.info
+    assert info.image_size == (IMAGE_SIZE, IMAGE_SIZE) and info.feature_dim == FEATURE_DIM
+    assert info.opset == 20 and info.train_run_id == "train-run-123"
+    assert info.mean == pytest.approx((0.485, 0.456, 0.406)) and info.dynamic_spatial
+    assert info.encoder_config["width"] == 0.125
+    assert Embedder(tiny.onnx_path, device="cpu").info == info  # as onnxruntime reads it
+
+
+def test_parity_images_are_resized_to_the_model_input(prepared):
+    images = parity_images(prepared, 4, (IMAGE_SIZE, IMAGE_SIZE))
+    assert images.shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """One SQLite store for the module: creating one costs ~6 s."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch, prepared, mlflow_db):
+    """A working directory laid out like the repo: models/encoder.pt, data/prepared, MLflow DB."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+    monkeypatch.delenv("INSTDISC_PARENT_RUN_ID", raising=False)
+    tiny_encoder_file(tmp_path / "models" / "encoder.pt")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(prepared)
+    return tmp_path
+
+
+def _write_params(stage_dir, **export):
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["export"].update(export)
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_export_stage_writes_models_metrics_and_registers_an_alias(stage_dir, prepared):
+    _write_params(stage_dir, fp16=True, parity_batch=4)
+    assert cli.main(["export"]) == 0  # the dvc.yaml command, with its default paths
+    metrics = json.loads((stage_dir / "metrics" / "export.json").read_text())
+    assert metrics["parity"]["passed"] and metrics["parity"]["num_images"] == 4
+    assert metrics["parity"]["max_abs_diff"] <= 1e-4
+    assert metrics["fp16_parity"]["passed"] and metrics["fp16_parity"]["max_abs_diff"] <= 1e-2
+    assert (stage_dir / "models" / "encoder.fp16.onnx").is_file()
+    assert sorted(p.name for p in (stage_dir / "models").iterdir()) == [
+        "encoder.fp16.onnx", "encoder.onnx", "encoder.pt"]  # no sidecar, no staged leftovers
+    registry = metrics["registry"]
+    assert (registry["model_name"], registry["alias"]) == ("instdisc-encoder", "candidate")
+    fp16 = Embedder(stage_dir / "models" / "encoder.fp16.onnx", device="cpu")
+    assert fp16.info.dtype == "float16" and fp16.run(random_images(2)).dtype == np.float32
+
+    # production path: resolve the alias, download, embed; same numbers as the local file
+    local = Embedder(stage_dir / "models" / "encoder.onnx", device="cpu")
+    remote = Embedder(tracking.download_onnx_model("models:/instdisc-encoder@candidate",
+                                                   stage_dir / "download"), device="cpu")
+    assert remote.info.export_run_id == metrics["registry"]["run_id"]
+    assert remote.info.train_run_id == "train-run-123"
+    images = random_images(3)
+    np.testing.assert_array_equal(remote.run(images), local.run(images))
+    import mlflow  # the README's production snippet, verbatim
+
+    local_dir = mlflow.artifacts.download_artifacts("models:/instdisc-encoder@candidate")
+    np.testing.assert_array_equal(Embedder(f"{local_dir}/model.onnx", device="cpu").run(images),
+                                  local.run(images))
+    version = mlflow.MlflowClient().get_model_version_by_alias("instdisc-encoder", "candidate")
+    assert str(version.version) == registry["version"] and version.tags["opset"] == "20"
+
+
+def test_export_stage_fails_and_writes_nothing_when_parity_fails(stage_dir, tiny, monkeypatch,
+                                                                 caplog):
+    import instdisc.export as export
+
+    _write_params(stage_dir, register=False, parity_batch=2)
+    real_to_onnx, real_reference = export.to_onnx, export.reference_embeddings
+
+    def cached_to_onnx(encoder, info, path, **kwargs):  # the export itself is tested above
+        shutil.copy(tiny.onnx_path, path)
+        return tiny.info
+
+    monkeypatch.setattr(export, "to_onnx", cached_to_onnx)
+    monkeypatch.setattr(export, "reference_embeddings", lambda e, x: real_reference(e, x) + 1e-3)
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["export"]) == 2
+    assert "fp32 ONNX parity failed on 2 images: max |diff| 1.0" in caplog.text
+    assert sorted(p.name for p in (stage_dir / "models").iterdir()) == ["encoder.pt"]
+    assert not (stage_dir / "metrics" / "export.json").exists()
+    assert real_to_onnx is not cached_to_onnx
+
+
+def test_static_spatial_fallback_when_dynamic_height_width_cannot_export(tiny, tmp_path,
+                                                                       monkeypatch, caplog):
+    import instdisc.export as export
+
+    encoder, meta = checkpoint.load_encoder(tiny.encoder_path)
+    calls = []
+
+    def fake_export(model, example, opset, spatial):  # stands in for torch.onnx.export
+        calls.append(spatial)
+        if spatial:
+            raise RuntimeError("Constraints violated (height)! ...")
+        proto = onnx.load(str(tiny.onnx_path))
+        del proto.metadata_props[:]
+        return proto
+
+    monkeypatch.setattr(export, "_export_program", fake_export)
+    info = export.to_onnx(encoder, export.model_info(encoder, meta, 20), tmp_path / "m.onnx")
+    assert calls == [True, False] and not info.dynamic_spatial
+    assert "dynamic height/width export failed (Constraints violated (height)!" in caplog.text
+    assert Embedder(tmp_path / "m.onnx", device="cpu").info.dynamic_spatial is False
