@@ -1,0 +1,81 @@
+"""Final metrics of a pipeline run: the `metrics:` files that dvc.yaml lists, flattened.
+
+A metric is named `<stage>.<key>` with nested keys joined by dots (`evaluate.knn.top1`), the
+same name in the Prefect artifact, the parent MLflow run and the ablation table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.dag import StageGraph
+
+
+def flatten(data: Any, prefix: str) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"<prefix>.a.b": 1}; lists are kept whole."""
+    if not isinstance(data, Mapping):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}"))
+    return flat
+
+
+def read_workspace(repo: Path, graph: StageGraph) -> tuple[dict[str, Any], list[str]]:
+    """({path: parsed content} of the metrics files in the workspace, [problems with the rest])."""
+    files: dict[str, Any] = {}
+    problems: list[str] = []
+    for stage in graph.stages.values():
+        for path in stage.metrics:
+            file = repo / path
+            if not file.is_file():
+                problems.append(f"stage {stage.name}: metrics file {path} does not exist")
+                continue
+            try:
+                files[path] = yaml.safe_load(file.read_text())  # JSON is YAML
+            except yaml.YAMLError as error:
+                problems.append(f"stage {stage.name}: cannot parse {path}: {error}")
+    return files, problems
+
+
+def by_stage(graph: StageGraph, files: Mapping[str, Any]) -> dict[str, Any]:
+    """{"<stage>.<key>": value} from {metrics path: content}, in stage order."""
+    flat: dict[str, Any] = {}
+    for stage in graph.stages.values():
+        for path in stage.metrics:
+            if path in files and files[path] is not None:
+                flat.update(flatten(files[path], stage.name))
+    return flat
+
+
+def table_rows(flat: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """[{"stage", "metric", "value"}] for a Prefect table artifact."""
+    rows = []
+    for name, value in flat.items():
+        stage, _, metric = name.partition(".")
+        rows.append({"stage": stage, "metric": metric, "value": value})
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table; floats to 4 significant digits."""
+    if not rows:
+        return "_no rows_"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_cell(row.get(column)) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,202 @@
+"""The pipeline and ablation flows on a toy DVC project, under one prefect_test_harness.
+
+The fixtures live here rather than in a tests/flows/conftest.py because tests/conftest.py is
+imported by name (`from conftest import ...`) from other test modules, and a second conftest.py
+would shadow it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import toy_project  # noqa: I001
+
+toy_project.isolate_prefect()  # Prefect reads its settings when it is imported
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.ablations import ablation, combinations, parse_sweep  # noqa: E402
+from flows.dag import load_graph  # noqa: E402
+from flows.experiments import parse_sets, set_arguments, validate_overrides  # noqa: E402
+from flows.pipeline import pipeline  # noqa: E402
+from flows.serve import deployments  # noqa: E402
+from toy_project import (  # noqa: E402
+    copy_repo, dvc, make_real_repo, make_template, read_metrics, reset_control, runs)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Entries that differ between two identical runs: wall-clock timings, file sizes of the ONNX
+# export (torch embeds absolute source paths, so they depend on the checkout's path), and the
+# MLflow run id / registry version of the registered model (each run registers a new version).
+VOLATILE = re.compile(r"time|second|duration|per_sec|throughput|img_s|timestamp|bytes"
+                      r"|^registry\.(run_id|version)$", re.I)
+
+FAST = {"retries": 2, "retry_delay_seconds": 0, "track": False}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One temporary Prefect server and database for every flow test (~20 s to start), and
+    the environment the flows' subprocesses see (DVC site cache, MLflow store in a temp dir)."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in toy_project.TEST_ENV.items():
+            env.setenv(key, value)
+        for key in ("INSTDISC_PARENT_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+            env.delenv(key, raising=False)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="session")
+def toy_template(tmp_path_factory):
+    return make_template(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture
+def toy_repo(tmp_path, toy_template):
+    reset_control()
+    return copy_repo(toy_template, tmp_path / "repo")
+
+
+def exp_names(repo) -> set[str]:
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    return {e["name"] for base in shown for e in base.get("experiments") or []}
+
+
+def test_flow_writes_what_dvc_repro_writes_nests_mlflow_runs_then_skips_everything(
+        toy_repo, tmp_path, toy_template):
+    reference = copy_repo(toy_template, tmp_path / "reference")
+    dvc(reference, "repro")
+    reset_control()
+    result = pipeline(repo=str(toy_repo), retries=0, track=True)
+    assert result["stages"] == dict.fromkeys(["make", "train", "side", "eval"], "ran")
+    assert read_metrics(toy_repo) == read_metrics(reference) != {}
+    lock = [yaml.safe_load((r / "dvc.lock").read_text()) for r in (toy_repo, reference)]
+    assert lock[0] == lock[1]  # same hashes; stage order follows completion order
+    assert result["metrics"]["train.nested.lr"] == 0.5 and result["metrics"]["eval.acc"] == 0.12
+
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags["mlflow.source.git.commit"])
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.metrics["train.score"] == 12 and parent.data.metrics["eval.acc"] == 0.12
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [c.data.tags["instdisc.stage"] for c in children] == ["train"]
+    assert children[0].data.metrics["score"] == 12
+
+    ran_once = runs(toy_project.CONTROL)
+    again = pipeline(repo=str(toy_repo), **FAST)
+    assert again["stages"] == dict.fromkeys(["make", "train", "side", "eval"], "skipped")
+    assert runs(toy_project.CONTROL) == ran_once
+
+
+def test_transient_failure_is_retried_and_then_succeeds(toy_repo):
+    control = reset_control({"train": "transient"})
+    result = pipeline(repo=str(toy_repo), **FAST)
+    assert result["stages"]["train"] == "ran" and result["stages"]["eval"] == "ran"
+    assert (control / "train.attempts").read_text() == "2"
+
+
+def test_real_failure_fails_the_flow_with_the_stage_error_and_starts_nothing_downstream(toy_repo):
+    control = reset_control({"train": "fatal"})
+    state = pipeline(repo=str(toy_repo), return_state=True, **FAST)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "stage 'train' failed (exit code 1)" in message
+    assert "ValueError: toy stage train failed for real: corrupt input" in message
+    assert message.rstrip().endswith("not started: eval")
+    assert (control / "train.attempts").read_text() == "1"  # not retried: not transient
+    assert "eval" not in runs(control) and "side" in runs(control)
+    assert not (toy_repo / "metrics" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("temp", [True, False], ids=["temp", "workspace"])
+def test_override_run_is_a_dvc_experiment_and_leaves_params_untouched(toy_repo, temp):
+    before = (toy_repo / "params.yaml").read_bytes()
+    name = f"override-{'temp' if temp else 'ws'}"
+    result = pipeline(repo=str(toy_repo), overrides={"train.m": 7}, experiment_name=name,
+                      temp_experiment=temp, **FAST)
+    assert (toy_repo / "params.yaml").read_bytes() == before
+    assert result["experiment"] == name and name in exp_names(toy_repo)
+    assert result["metrics"]["train.score"] == 21 and result["metrics"]["eval.acc"] == 0.21
+    assert (toy_repo / "metrics" / "train.json").exists() is (not temp)
+
+
+def test_unknown_override_key_is_rejected(toy_repo):
+    with pytest.raises(ValueError, match=r"override 'train.mm': params.yaml has no key 'train.mm'"):
+        validate_overrides(toy_repo, {"train.mm": 1})
+
+
+def test_ablation_on_two_values_yields_a_two_row_table_failures_included(toy_repo):
+    result = ablation(sweep={"train.m": [3, 0]}, repo=str(toy_repo), **FAST)
+    ok, failed = result["rows"]
+    assert (ok["params.train.m"], ok["status"]) == (3, "succeeded")
+    assert (ok["train.score"], ok["eval.acc"]) == (9, 0.09)
+    assert (failed["params.train.m"], failed["status"]) == (0, "failed")
+    assert failed["error"] == "ZeroDivisionError: float division by zero"
+    assert "train.score" not in failed
+    assert result["metric"] == "eval.acc"  # default: first metric of the last stage
+    csv_lines = (toy_repo / "reports" / "ablation.csv").read_text().splitlines()
+    assert len(csv_lines) == 3
+    assert csv_lines[0].startswith("experiment,status,params.train.m,make.n,")
+    assert ",failed," in csv_lines[2] and "ZeroDivisionError" in csv_lines[2]
+    assert (toy_repo / "reports" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert ok["experiment"] in exp_names(toy_repo)
+    assert (toy_repo / "params.yaml").read_text() == toy_project.PARAMS
+
+
+def test_command_line_values_are_yaml_and_reach_dvc_as_such():
+    sets = parse_sets(["pretrain.epochs=3", "prepare.source=../x.zip", "a.b=[1, 2]", "c=true"])
+    assert sets == {"pretrain.epochs": 3, "prepare.source": "../x.zip", "a.b": [1, 2], "c": True}
+    assert set_arguments(sets) == ["-S", "pretrain.epochs=3", "-S", "prepare.source=../x.zip",
+                                   "-S", "a.b=[1, 2]", "-S", "c=true"]
+    assert parse_sweep(["m=1,10,512", "ms=[[1], [2, 3]]", "arch=resnet18,resnet50"]) == {
+        "m": [1, 10, 512], "ms": [[1], [2, 3]], "arch": ["resnet18", "resnet50"]}
+    with pytest.raises(ValueError, match="--set expects key=value, got 'oops'"):
+        parse_sets(["oops"])
+
+
+def test_sweep_is_a_grid_and_deployment_has_the_cron(toy_repo):
+    assert combinations({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+    nightly, sweep = deployments(toy_repo, "*/5 * * * *", "Europe/Paris")
+    assert nightly.name == "nightly" and nightly.parameters["repo"] == str(toy_repo)
+    assert nightly.schedules[0].schedule.cron == "*/5 * * * *"
+    assert nightly.schedules[0].schedule.timezone == "Europe/Paris"
+    assert nightly.entrypoint == "flows.pipeline.pipeline"
+    assert sweep.schedules == [] and "sweep" in sweep.parameters
+
+
+def stable(data, prefix=""):
+    """A metrics document without the VOLATILE entries."""
+    if isinstance(data, dict):
+        return {k: stable(v, f"{prefix}{k}.") for k, v in data.items()
+                if not VOLATILE.search(f"{prefix}{k}")}
+    return data
+
+
+@pytest.mark.slow
+def test_real_pipeline_flow_writes_the_metrics_dvc_repro_writes(tmp_path, monkeypatch):
+    """The project's own dvc.yaml and instdisc/ on the tiny synthetic config (~2-5 min)."""
+    flow_repo = make_real_repo(tmp_path / "flow", REPO_ROOT)
+    repro_repo = make_real_repo(tmp_path / "repro", REPO_ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(repro_repo))  # stage commands import the copy
+    dvc(repro_repo, "repro")
+    monkeypatch.setenv("PYTHONPATH", str(flow_repo))
+    result = pipeline(repo=str(flow_repo), retries=0, track=True)
+    assert set(result["stages"].values()) == {"ran"}
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["instdisc.stage"] for c in children} == set(result["stages"])
+    flow_metrics = {k: stable(json.loads(v)) for k, v in read_metrics(flow_repo).items()}
+    repro_metrics = {k: stable(json.loads(v)) for k, v in read_metrics(repro_repo).items()}
+    declared = {Path(p).name for s in load_graph(flow_repo / "dvc.yaml").stages.values()
+                for p in s.metrics}
+    assert set(flow_metrics) == declared and flow_metrics == repro_metrics
