@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("INSTDISC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from instdisc.runtime import StageError
+    from instdisc.errors import StageError
 
     try:
         args.func(args)

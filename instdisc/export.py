@@ -33,7 +33,7 @@ from instdisc import checkpoint, tracking
 from instdisc.config import ExportParams
 from instdisc.embed_index import atomic_write
 from instdisc.embedder import INPUT, OUTPUT, Embedder, ModelInfo, fit_image, load_rgb
-from instdisc.runtime import StageError
+from instdisc.errors import StageError
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,6 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-class StageError(RuntimeError):
-    """A stage cannot go on (for example a non-finite loss); the message says why."""
-
-
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto` -> cuda:<local_rank> when CUDA is available, else mps, else cpu.
 

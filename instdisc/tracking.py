@@ -28,9 +28,37 @@ DEFAULT_EXPERIMENT = "instdisc"
 PARENT_RUN_ENV = "INSTDISC_PARENT_RUN_ID"
 
 
+def project_root() -> Path:
+    """The DVC repository the run belongs to: `DVC_ROOT` (set by DVC for stage commands, and
+    pointing at the parent repository inside `dvc exp run --temp`/queued experiments), else the
+    working directory."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, or the embedded SQLite default."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """`MLFLOW_TRACKING_URI`, or the embedded SQLite store at the project root.
+
+    A relative SQLite path is made absolute against `project_root()`, so stage runs of temporary
+    DVC experiments land in the same store as the workspace's.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return prefix + str(project_root() / uri[len(prefix):])
+    return uri
+
+
+def _use_experiment(name: str) -> None:
+    """Select (creating if needed) the experiment; with a local SQLite store its artifacts go to
+    `<project root>/mlruns`, not to whatever the working directory happens to be."""
+    import mlflow
+
+    if mlflow.get_experiment_by_name(name) is None and tracking_uri().startswith("sqlite:"):
+        try:
+            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
+            pass
+    mlflow.set_experiment(name)
 
 
 def flatten(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
@@ -87,7 +115,7 @@ def run(stage: str, params: Mapping[str, Any] | Any, *, enabled: bool = True,
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    _use_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     tags = {"instdisc.stage": stage, **dvc_input_hashes(stage, repo)}
     commit = git_commit(repo)
     if commit:

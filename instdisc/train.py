@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from instdisc import checkpoint, runtime
+from instdisc.errors import StageError
 from instdisc.config import PretrainParams
 from instdisc.data.augment import MEAN, STD
 from instdisc.data.prepared import PreparedDataset
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 EpochHook = Callable[[dict[str, float], int, list[dict[str, float]]], None]
 
 
-class NonFiniteLossError(runtime.StageError):
+class NonFiniteLossError(StageError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 

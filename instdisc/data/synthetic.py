@@ -4,8 +4,9 @@ Class k is one (shape, pattern) pair: shape k % 10 (disc, square, triangle, ring
 star, crescent, bar, semicircle) filled with pattern (k % 10 + k // 10) % 10 (solid, stripes,
 checker, dots, rings, grid, spokes, gradient, outline, speckle), so the first ten classes differ in
 both and up to 100 classes stay distinct. Everything else is a nuisance drawn per image:
-foreground, pattern and background colours (independent of the class, so the mean colour says
-almost nothing about it), position, scale, rotation, a background gradient and pixel noise.
+foreground, pattern and background colours (from a small palette shared by all classes, so the
+mean colour says almost nothing about the class and little about the instance), position, scale,
+rotation, a background gradient and pixel noise.
 Raw-pixel neighbours are therefore mostly colour neighbours, while an encoder trained with colour
 jitter and grayscale augmentation (Wu et al. 2018, arXiv:1805.01978, Sec. 4) has to use shape and
 texture, which identify the class.
@@ -20,6 +21,9 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "star", "cre
 PATTERNS = ("solid", "stripes", "checker", "dots", "rings", "grid", "spokes", "gradient", "outline",
             "speckle")
 SPLITS = ("train", "test")
+PALETTE = np.array([[0.85, 0.20, 0.20], [0.20, 0.65, 0.25], [0.20, 0.35, 0.85], [0.90, 0.80, 0.20],
+                    [0.60, 0.25, 0.70], [0.20, 0.75, 0.80], [0.95, 0.55, 0.15], [0.45, 0.45, 0.45],
+                    [0.92, 0.92, 0.90], [0.12, 0.12, 0.15]], dtype=np.float32)  # (10, 3) RGB
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -74,9 +78,14 @@ def _draw_class(k: int, n: int, size: int, rng: np.random.Generator) -> np.ndarr
     angle = rng.uniform(0, 2 * np.pi, n).astype(f32)                     # (n,)
     scale = rng.uniform(0.24, 0.38, n).astype(f32) * size                # object radius in pixels
     centre = rng.uniform(-0.18, 0.18, (n, 2)).astype(f32) * size + (size - 1) / 2  # (n, 2) y, x
-    background = rng.uniform(0, 1, (n, 3)).astype(f32)                   # (n, 3)
-    offset = rng.uniform(0.3, 0.7, (n, 3)).astype(f32)
-    foreground = (background + offset) % 1.0  # (n, 3), at least 0.3 from bg in every channel
+    # Colours come from a small class-independent palette (plus a little jitter): a colour pair
+    # is shared by many images of every class, so it cannot single out an instance, and instance
+    # discrimination has to use shape and texture.
+    pair = rng.integers(0, len(PALETTE), (n, 2))                          # (n, 2)
+    pair[:, 1] = (pair[:, 0] + 1 + pair[:, 1] % (len(PALETTE) - 1)) % len(PALETTE)  # fg != bg
+    jitter = rng.uniform(-0.05, 0.05, (n, 2, 3)).astype(f32)              # (n, 2, 3)
+    background = np.clip(PALETTE[pair[:, 0]] + jitter[:, 0], 0, 1)        # (n, 3)
+    foreground = np.clip(PALETTE[pair[:, 1]] + jitter[:, 1], 0, 1)        # (n, 3)
     bright = foreground.mean(1, keepdims=True) > 0.5                     # (n, 1)
     second = np.where(bright, foreground * 0.35, foreground + (1 - foreground) * 0.65)  # (n, 3)
     tilt = rng.uniform(-0.15, 0.15, (n, 2)).astype(f32)                  # background gradient
