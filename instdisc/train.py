@@ -191,7 +191,8 @@ def resume_state(path: Path, params: PretrainParams, fingerprint: str) -> dict[s
     if not path.is_file():
         return None
     state = checkpoint.load(path)
-    same = {**state["params"], "epochs": params.epochs} == _comparable(params)
+    saved = _comparable({**state["params"], "epochs": params.epochs})
+    same = saved == _comparable(dataclasses.asdict(params))
     if not same or state["fingerprint"] != fingerprint:
         log.warning("ignoring checkpoint %s: it was made with other params or data", path)
         return None
@@ -199,9 +200,9 @@ def resume_state(path: Path, params: PretrainParams, fingerprint: str) -> dict[s
     return state
 
 
-def _comparable(params: PretrainParams) -> dict[str, Any]:
-    """asdict() after a checkpoint round trip (tuples come back as lists from torch.load)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+def _comparable(params: dict[str, Any]) -> dict[str, Any]:
+    """Params with sequences as lists, so a dict that went through torch.save compares equal."""
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in params.items()}
 
 
 def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir: Path,

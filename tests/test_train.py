@@ -70,8 +70,10 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(prepared_dir, tmp
     fit(TINY, seed=1, device=CPU, prepared_dir=prepared_dir, checkpoint_path=tmp_path / "b.pt",
         stop_after=1)
     assert checkpoint.load(tmp_path / "b.pt")["epoch"] == 1
+    ran: list[int] = []
     resumed = fit(TINY, seed=1, device=CPU, prepared_dir=prepared_dir,
-                  checkpoint_path=tmp_path / "b.pt")
+                  checkpoint_path=tmp_path / "b.pt", on_epoch_end=lambda r, e, h: ran.append(e))
+    assert ran == [1, 2]                                   # only the epochs that were missing
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     assert torch.equal(resumed.bank.features, straight.bank.features)
     for (name, a), b in zip(straight.encoder.state_dict().items(),
