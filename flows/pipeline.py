@@ -13,7 +13,9 @@ if __name__ == "__main__":  # entry point: offline defaults must precede the Pre
     apply_defaults()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -36,12 +38,32 @@ from flows.settings import dvc_command, subprocess_env  # noqa: E402
 RAN = "Running stage '"  # what `dvc repro` prints before it executes a stage's command
 
 
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def default_parallel_stages() -> int:
+    """Stages allowed to run at once when not set: one per 4 CPU cores, at least one.
+
+    Every stage is a torch process with one thread per core; several of them on 2 cores
+    oversubscribe the CPU and each runs many times slower (measured: ~25x) than alone.
+    """
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+def stage_slots(limit: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore that caps concurrently running stage commands at `limit`."""
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(limit, threading.BoundedSemaphore(limit))
+
+
 class PipelineFailed(RuntimeError):
     """A stage failed for real (or ran out of retries); names it, its error and what never ran."""
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, task_run_name="{stage}")
-def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: list[str]) -> str:
+def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: list[str],
+              max_parallel: int = 1) -> str:
     """`dvc repro --single-item <stage>`: DVC decides whether the stage is stale.
 
     Returns "ran" or "skipped"; raises StageFailed with the stage's own error text.
@@ -49,9 +71,10 @@ def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: l
     the stage command itself runs, so the commands do overlap).
     """
     logger = get_run_logger()
-    result = run_streaming(dvc_command("--wait-for-lock", "repro", "--single-item", stage),
-                           repo, subprocess_env(env),
-                           lambda line: logger.info("[%s] %s", stage, line), markers=(RAN,))
+    with stage_slots(max_parallel):                      # at most `max_parallel` stages at once
+        result = run_streaming(dvc_command("--wait-for-lock", "repro", "--single-item", stage),
+                               repo, subprocess_env(env),
+                               lambda line: logger.info("[%s] %s", stage, line), markers=(RAN,))
     raise_for_failure(f"stage {stage!r}", result, transient_patterns)
     status = "ran" if RAN in result.text_seen else "skipped"
     logger.info("stage %s %s", stage, status)
@@ -59,7 +82,8 @@ def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: l
 
 
 def run_stages(graph: StageGraph, repo: Path, env: dict[str, str], patterns: list[str],
-               retries: int, retry_delay_seconds: float) -> tuple[dict[str, str], list[str]]:
+               retries: int, retry_delay_seconds: float,
+               max_parallel: int = 1) -> tuple[dict[str, str], list[str]]:
     """One task per stage in topological order, each waiting for its upstream stages.
 
     Returns ({stage: "ran" | "skipped" | "failed" | "not started"}, [failure messages]); a
@@ -69,7 +93,8 @@ def run_stages(graph: StageGraph, repo: Path, env: dict[str, str], patterns: lis
     futures: dict[str, PrefectFuture] = {}
     for name in graph.order:
         upstream = [futures[parent] for parent in graph.upstream[name]]
-        futures[name] = stage_task.submit(name, repo, env, patterns, wait_for=upstream)
+        futures[name] = stage_task.submit(name, repo, env, patterns, max_parallel,
+                                          wait_for=upstream)
     wait(list(futures.values()))
     statuses: dict[str, str] = {}
     failures: list[str] = []
@@ -103,12 +128,14 @@ def publish(flat: dict[str, Any], statuses: dict[str, str], title: str,
 def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
              experiment_name: str | None = None, retries: int = 2,
              retry_delay_seconds: float = 30.0, transient_patterns: list[str] | None = None,
-             temp_experiment: bool = True, track: bool = True) -> dict[str, Any]:
+             temp_experiment: bool = True, track: bool = True,
+             max_parallel_stages: int = 0) -> dict[str, Any]:
     """Run every stale stage of `repo`'s dvc.yaml; with `overrides`, one DVC experiment.
 
     `retries`/`retry_delay_seconds` apply to transient failures only (see flows.commands);
     `transient_patterns` adds regular expressions to the defaults. `track` creates the parent
-    MLflow run. Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
+    MLflow run. `max_parallel_stages` caps how many independent stages run at once (0: one per
+    4 CPU cores). Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
     """
     logger = get_run_logger()
     root = Path(repo).resolve()
@@ -132,7 +159,8 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
         else:
             logger.info("stages in order: %s", ", ".join(graph.order))
             statuses, failures = run_stages(graph, root, parent.env(), patterns, retries,
-                                            retry_delay_seconds)
+                                            retry_delay_seconds,
+                                            max_parallel_stages or default_parallel_stages())
             files, problems = metrics.read_workspace(root, graph)
             for problem in problems:
                 logger.warning(problem)
@@ -160,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-workspace", action="store_true",
                         help="run an experiment in the workspace instead of a --temp copy")
     parser.add_argument("--no-track", action="store_true", help="no parent MLflow run")
+    parser.add_argument("--max-parallel-stages", type=int, default=0,
+                        help="stages run at once (default 0: one per 4 CPU cores)")
     args = parser.parse_args(argv)
     state = pipeline(repo=args.repo, overrides=parse_sets(args.sets) or None,
                      experiment_name=args.name, retries=args.retries,
                      retry_delay_seconds=args.retry_delay, temp_experiment=not args.in_workspace,
-                     track=not args.no_track, return_state=True)
+                     track=not args.no_track, max_parallel_stages=args.max_parallel_stages,
+                     return_state=True)
     return 0 if state.is_completed() else 1
 
 

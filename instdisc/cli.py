@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from instdisc import cli_serving
 
     cli_serving.register(sub)
+    from instdisc import cli_transfer
+
+    cli_transfer.register(sub)
     return parser
 
 

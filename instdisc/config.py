@@ -180,11 +180,145 @@ class ExportParams:
         _check(bool(self.alias), "alias", self.alias, "a non-empty alias")
 
 
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    """Stage `linear`: linear classifiers on frozen, pooled conv1..conv5 features (Sec. 4.2, Table 2).
+
+    Each stage's map is adaptive-average-pooled to a g x g grid with g = round(sqrt(target_dim / C))
+    (clamped to [1, H]), so every layer gives about `target_dim` features; the paper uses ~9000.
+    """
+
+    layers: tuple[str, ...] = LAYERS
+    target_dim: int = 2048
+    optimizer: Literal["sgd", "adam"] = "adam"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.001
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    feature_batch_size: int = 256  # images per forward pass while caching features
+    random_init_baseline: bool = True  # also probe a randomly initialised encoder (Table 2 "Random")
+
+    def __post_init__(self) -> None:
+        _check(len(self.layers) > 0 and set(self.layers) <= set(LAYERS)
+               and len(set(self.layers)) == len(self.layers), "layers", self.layers,
+               f"distinct names from {', '.join(LAYERS)}")
+        _check(self.target_dim >= 1, "target_dim", self.target_dim, ">= 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.feature_batch_size >= 1, "feature_batch_size", self.feature_batch_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class PlacesParams:
+    """Stage `places`: the linear probe of `linear` on a scene dataset (Sec. 4.2, Table 3)."""
+
+    source: str = "synthetic"  # or a folder / .zip / .tar in <split>/<class>/<file> layout
+    image_size: int = 0  # in-memory images are resized to this square size; 0 keeps the source's
+    max_in_memory_size: int = 256  # larger images are read from files at the encoder's image size
+    seed_offset: int = 1000  # synthetic source: generated with seed + seed_offset (new images)
+    synthetic: SyntheticParams = field(default_factory=lambda: SyntheticParams(
+        num_classes=15, train_per_class=60, test_per_class=20, image_size=32))
+    probe: LinearParams = field(default_factory=LinearParams)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "source", self.source, "'synthetic' or a path")
+        _check(self.image_size >= 0, "image_size", self.image_size, ">= 0")
+        _check(self.max_in_memory_size >= 1, "max_in_memory_size", self.max_in_memory_size, ">= 1")
+        _check(self.seed_offset >= 0, "seed_offset", self.seed_offset, ">= 0")
+
+
+@dataclass(frozen=True)
+class SemiSupervisedParams:
+    """Stage `semi_supervised`: fine-tune on 1% / 10% of the labels vs. from scratch (Sec. 4.3)."""
+
+    fractions: tuple[float, ...] = (0.01, 0.1)
+    steps: int = 60  # SGD steps per run, whatever the subset size
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_scale_min: float = 0.5  # RandomResizedCrop scale; colour jitter is off (supervised recipe)
+    hflip: bool = True
+    eval_batch_size: int = 256
+    scratch_baseline: bool = True  # the same runs from random initialisation
+
+    def __post_init__(self) -> None:
+        _check(len(self.fractions) > 0 and all(0.0 < f <= 1.0 for f in self.fractions),
+               "fractions", self.fractions, "one or more numbers in (0, 1]")
+        _check(self.steps >= 1, "steps", self.steps, ">= 1")
+        _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", self.crop_scale_min, "(0, 1]")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """Stage `detection`: encoder trunk -> Faster R-CNN + FPN, short VOC fine-tune, mAP (Sec. 4.4)."""
+
+    source: str = "synthetic"  # or a VOC-format folder / .zip (Annotations, JPEGImages, ImageSets)
+    train_split: str = "trainval"
+    test_split: str = "test"
+    synthetic_train: int = 48  # images of the synthetic VOC set, per split
+    synthetic_test: int = 16
+    synthetic_size: int = 96  # side of the synthetic images, pixels
+    min_size: int = 96  # images are resized once so that the short side is min_size ...
+    max_size: int = 160  # ... and the long side at most max_size
+    iterations: int = 80
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 20
+    trainable_layers: int = 5  # conv5, conv4, ... counted from the top; 5 = all (BN is frozen)
+    fpn_channels: int = 64  # torchvision: 256
+    representation_size: int = 256  # box head MLP width; torchvision: 1024
+    anchor_scale: float = 8.0  # anchor side = anchor_scale x stride of each FPN level
+    hflip: bool = True
+    iou_threshold: float = 0.5  # mAP@0.5
+    use_07_metric: bool = False  # True: VOC2007 11-point AP; False: all-point (VOC2010+)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "source", self.source, "'synthetic' or a path")
+        _check(bool(self.train_split) and bool(self.test_split), "train_split/test_split",
+               (self.train_split, self.test_split), "non-empty ImageSets/Main names")
+        _check(self.synthetic_train >= 1, "synthetic_train", self.synthetic_train, ">= 1")
+        _check(self.synthetic_test >= 1, "synthetic_test", self.synthetic_test, ">= 1")
+        _check(32 <= self.synthetic_size <= 1024, "synthetic_size", self.synthetic_size, "32..1024")
+        _check(16 <= self.min_size <= self.max_size, "min_size", self.min_size,
+               f"16..max_size ({self.max_size})")
+        _check(self.iterations >= 1, "iterations", self.iterations, ">= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.warmup_iters >= 0, "warmup_iters", self.warmup_iters, ">= 0")
+        _check(0 <= self.trainable_layers <= 5, "trainable_layers", self.trainable_layers, "0..5")
+        _check(self.fpn_channels >= 8, "fpn_channels", self.fpn_channels, ">= 8")
+        _check(self.representation_size >= 8, "representation_size", self.representation_size,
+               ">= 8")
+        _check(self.anchor_scale > 0, "anchor_scale", self.anchor_scale, "> 0")
+        _check(0.0 < self.iou_threshold < 1.0, "iou_threshold", self.iou_threshold, "(0, 1)")
+
+
 SECTIONS: dict[str, type] = {
     "prepare": PrepareParams,
     "pretrain": PretrainParams,
     "evaluate": EvaluateParams,
     "export": ExportParams,
+    "linear": LinearParams,
+    "places": PlacesParams,
+    "semi_supervised": SemiSupervisedParams,
+    "detection": DetectionParams,
 }
 
 

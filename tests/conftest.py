@@ -23,6 +23,14 @@ TINY_PARAMS = {
                  "num_workers": 0},
     "evaluate": {"k": 5, "batch_size": 64},
     "export": {"parity_batch": 4},
+    "linear": {"target_dim": 64, "epochs": 2, "random_init_baseline": False},
+    "places": {"synthetic": {"num_classes": 3, "train_per_class": 8, "test_per_class": 4,
+                             "image_size": 16},
+               "probe": {"target_dim": 64, "epochs": 2, "random_init_baseline": False}},
+    "semi_supervised": {"steps": 2, "batch_size": 8, "scratch_baseline": False},
+    "detection": {"synthetic_train": 4, "synthetic_test": 2, "synthetic_size": 48,
+                  "min_size": 48, "max_size": 48, "iterations": 1, "batch_size": 2,
+                  "warmup_iters": 1, "fpn_channels": 16, "representation_size": 32},
 }
 
 
