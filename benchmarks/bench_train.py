@@ -37,7 +37,7 @@ def main() -> None:
                 out_dir=data, progress=False)
         print(f"{'width':>6} {'loss':>10} {'img/s':>8} {'epoch s':>8} {'peak RSS MiB':>13}")
         for width in args.widths:
-            params = PretrainParams(width=width, loss=args.loss, num_negatives=1024,
+            params = PretrainParams(width=width, loss=args.loss, num_negatives=256,
                                     epochs=args.epochs, monitor_queries=0, num_workers=0)
             trainer = fit(params, seed=0, device=torch.device("cpu"), prepared_dir=data,
                           checkpoint_path=Path(tmp) / f"ckpt-{width}.pt")
