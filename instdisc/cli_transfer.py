@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from instdisc.cli import ENCODER, METRICS, PARAMS, PREPARED  # the stages' default paths
+
 log = logging.getLogger(__name__)
 
-PARAMS = Path("params.yaml")
-PREPARED = Path("data/prepared")
-ENCODER = Path("models/encoder.pt")
-METRICS = Path("metrics")
 PLACES_DATA = Path("data/places")
 DETECTION_DATA = Path("data/detection")
 
