@@ -12,13 +12,13 @@ Nothing is pickled but tensors and plain containers: loading uses `torch.load(we
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from instdisc.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,8 @@ ENCODER_KEYS = ("format_version", "encoder", "encoder_config", "preprocess")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`torch.save` to `path` atomically (temp file, fsync, rename)."""
+    atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

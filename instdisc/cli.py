@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,10 @@ PLOTS = Path("plots")
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Atomic JSON write (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    from instdisc.atomic import atomic_write
+
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

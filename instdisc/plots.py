@@ -12,11 +12,11 @@ import csv
 import io
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from instdisc.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def write_history_csv(rows: list[dict[str, Any]], path: Path | str) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(Path(path), lambda fh: fh.write(buffer.getvalue().encode()))
+    atomic_write(Path(path), lambda fh: fh.write(buffer.getvalue().encode()))
 
 
 def read_history_csv(path: Path | str) -> list[dict[str, float]]:
@@ -82,7 +82,7 @@ def plot_history(csv_path: Path | str, png_path: Path | str,
         ax.set_xlabel("epoch")
         ax.set_ylabel(column)
         ax.grid(True, alpha=0.3)
-    _atomic_write(Path(png_path), lambda fh: figure.savefig(fh, format="png", dpi=100))
+    atomic_write(Path(png_path), lambda fh: figure.savefig(fh, format="png", dpi=100))
 
 
 def _to_float(value: str | None) -> float:
@@ -90,18 +90,3 @@ def _to_float(value: str | None) -> float:
         return float(value) if value not in (None, "") else math.nan
     except ValueError:
         return math.nan
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temporary file in `path`'s folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
