@@ -2,7 +2,7 @@
 
 Both sides start from uint8 (B, H, W, 3) pixels and end with unit-norm embeddings: torch runs
 training's eval transform + the encoder under `inference_mode`; ORT runs the exported graph
-(normalisation inside) through `instdisc.embedder.Embedder`. Both use the same thread count.
+(normalisation inside) through `instdisc.serving.embedder.Embedder`. Both use the same thread count.
 32x32 inputs use the CIFAR stem, 224x224 the ImageNet stem (as the pipeline would; `--stem`).
 On a shared machine, a busy CPU hurts torch's OpenMP far more than ORT's thread pool: look at the
 load average printed first, and compare with `--threads 1` too.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from instdisc.data.augment import MEAN, STD, eval_transform
-from instdisc.embedder import Embedder
+from instdisc.serving.embedder import Embedder
 from instdisc.export import model_info, to_onnx
 from instdisc.models.encoder import build_encoder
 

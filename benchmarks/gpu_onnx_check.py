@@ -28,7 +28,7 @@ import numpy as np
 
 CHILD = """
 import json, sys
-from instdisc.embedder import Embedder
+from instdisc.serving.embedder import Embedder
 strict = Embedder(sys.argv[1], device=sys.argv[2], strict=True)
 auto = Embedder(sys.argv[1], device="auto")
 print(json.dumps({"strict_provider": strict.provider, "io_binding": strict.io_binding,
@@ -62,7 +62,7 @@ def main() -> int:
     import torch
 
     from instdisc.data.augment import MEAN, STD, eval_transform
-    from instdisc.embedder import Embedder
+    from instdisc.serving.embedder import Embedder
     from instdisc.export import model_info, reference_embeddings, to_onnx
     from instdisc.models.encoder import build_encoder
 

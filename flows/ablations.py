@@ -74,7 +74,7 @@ def ablation(sweep: dict[str, list[Any]], repo: str = ".", fixed: dict[str, Any]
     """
     root = Path(repo).resolve()
     check_repo(root, experiments=True)
-    graph = load_graph(root / "dvc.yaml")
+    graph = load_graph(root)
     fixed = dict(fixed or {})
     combos = combinations(sweep)
     for combo in combos:

@@ -13,16 +13,12 @@ from typing import Any
 import yaml
 
 from flows.dag import StageGraph
+from instdisc.io import flatten
 
 
-def flatten(data: Any, prefix: str) -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"<prefix>.a.b": 1}; lists are kept whole."""
-    if not isinstance(data, Mapping):
-        return {prefix: data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}"))
-    return flat
+def flatten_stage(data: Any, stage: str) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"<stage>.a.b": 1}; lists are kept whole, a bare value is <stage>."""
+    return flatten(data, f"{stage}.") if isinstance(data, Mapping) else {stage: data}
 
 
 def read_workspace(repo: Path, graph: StageGraph) -> tuple[dict[str, Any], list[str]]:
@@ -48,7 +44,7 @@ def by_stage(graph: StageGraph, files: Mapping[str, Any]) -> dict[str, Any]:
     for stage in graph.stages.values():
         for path in stage.metrics:
             if path in files and files[path] is not None:
-                flat.update(flatten(files[path], stage.name))
+                flat.update(flatten_stage(files[path], stage.name))
     return flat
 
 

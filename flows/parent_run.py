@@ -1,7 +1,8 @@
 """One MLflow parent run per flow run; every stage's run nests under it.
 
 The stage runs are started by `instdisc.tracking.run` inside the `dvc` subprocesses; this module
-only creates the parent (tagged with the git commit and the Prefect flow-run id) and hands its
+only creates the parent (through `instdisc.tracking`, the only mlflow import; tagged with the
+git commit and the Prefect flow-run id) and hands its
 id to the stages through `INSTDISC_PARENT_RUN_ID`. The tracking URI is made absolute first, so
 stages running in DVC's temporary experiment directories write to the same store.
 """
@@ -9,35 +10,13 @@ stages running in DVC's temporary experiment directories write to the same store
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instdisc.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, PARENT_RUN_ENV, git_commit
-
-
-def resolve_tracking_uri(repo: Path) -> str:
-    """`MLFLOW_TRACKING_URI` (or the SQLite default), a relative SQLite path made absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
-        return prefix + str((repo / uri[len(prefix):]).resolve())
-    return uri
-
-
-def experiment_name() -> str:
-    """The MLflow experiment the stages log to (same rule as instdisc.tracking)."""
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-
-
-def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers among `metrics` (booleans and strings left out)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+from instdisc import tracking
+from instdisc.tracking import PARENT_RUN_ENV, experiment_name, git_commit
 
 
 @dataclass
@@ -59,24 +38,12 @@ class ParentRun:
         return env
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
-        if not self.run_id:
-            return
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()]
-        if batch:
-            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+        if self.run_id:
+            tracking.log_run_metrics(self.tracking_uri, self.run_id, metrics)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if not self.run_id:
-            return
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.tracking_uri)
-        for key, value in tags.items():
-            client.set_tag(self.run_id, key, str(value))
+        if self.run_id:
+            tracking.set_run_tags(self.tracking_uri, self.run_id, tags)
 
     @contextlib.contextmanager
     def child(self, run_name: str, tags: Mapping[str, Any]) -> Iterator[ParentRun]:
@@ -93,7 +60,7 @@ class ParentRun:
 def parent_run(repo: Path, run_name: str, tags: Mapping[str, Any], enabled: bool = True
                ) -> Iterator[ParentRun]:
     """Start the parent run (tagged with the git commit); FINISHED on exit, FAILED on error."""
-    uri = resolve_tracking_uri(repo)
+    uri = tracking.tracking_uri(repo)
     if not enabled:
         yield ParentRun(repo, uri)
         return
@@ -106,34 +73,11 @@ def parent_run(repo: Path, run_name: str, tags: Mapping[str, Any], enabled: bool
 @contextlib.contextmanager
 def _started(repo: Path, uri: str, run_name: str, tags: Mapping[str, Any]
              ) -> Iterator[ParentRun]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment_id = _experiment_id(client, repo, uri)
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={k: str(v) for k, v in tags.items()})
-    handle = ParentRun(repo, uri, run.info.run_id, experiment_id)
+    run_id, experiment_id = tracking.start_parent_run(repo, run_name, tags, uri=uri)
+    handle = ParentRun(repo, uri, run_id, experiment_id)
     try:
         yield handle
     except BaseException:
-        client.set_terminated(handle.run_id, status="FAILED")
+        tracking.end_run(uri, run_id, status="FAILED")
         raise
-    client.set_terminated(handle.run_id, status=handle.status)
-
-
-def _experiment_id(client: Any, repo: Path, uri: str) -> str:
-    """Get or create the experiment; a local store keeps artifacts in <repo>/mlruns."""
-    from mlflow.exceptions import MlflowException
-
-    name = experiment_name()
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = (repo / "mlruns").resolve().as_uri() if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created meanwhile by a concurrent process
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    tracking.end_run(uri, run_id, status=handle.status)

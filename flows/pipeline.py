@@ -1,9 +1,10 @@
 """The DVC pipeline as a Prefect flow: DVC owns the DAG and cache; Prefect runs, retries, reports.
 
 `python -m flows.pipeline [--repo .] [--set pretrain.epochs=3 ...]` from the repository root.
-The stage graph comes from dvc.yaml (`flows.dag`), so a new stage there is a new task here.
-Each task is one `dvc repro --single-item <stage>` subprocess; a stage starts when its upstream
-stages are done, so independent stages run concurrently. With `overrides` the whole pipeline
+The stage graph comes from DVC itself (`flows.dag`), so a new stage in dvc.yaml is a new task
+here. Each task is one `dvc repro --single-item <stage>` subprocess; a stage starts when its
+upstream stages are done, so independent stages run concurrently, at most `max_parallel_stages`
+at once (the workers of a `ThreadPoolTaskRunner`). With `overrides` the whole pipeline
 runs as one DVC experiment instead (one task; see `flows.experiments`).
 """
 
@@ -15,7 +16,6 @@ if __name__ == "__main__":  # entry point: offline defaults must precede the Pre
 import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import PrefectFuture, wait  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows import metrics  # noqa: E402
 from flows.commands import (  # noqa: E402
@@ -38,10 +39,6 @@ from flows.settings import dvc_command, subprocess_env  # noqa: E402
 RAN = "Running stage '"  # what `dvc repro` prints before it executes a stage's command
 
 
-_SLOTS: dict[int, threading.BoundedSemaphore] = {}
-_SLOTS_LOCK = threading.Lock()
-
-
 def default_parallel_stages() -> int:
     """Stages allowed to run at once when not set: one per 4 CPU cores, at least one.
 
@@ -51,19 +48,12 @@ def default_parallel_stages() -> int:
     return max(1, (os.cpu_count() or 1) // 4)
 
 
-def stage_slots(limit: int) -> threading.BoundedSemaphore:
-    """The process-wide semaphore that caps concurrently running stage commands at `limit`."""
-    with _SLOTS_LOCK:
-        return _SLOTS.setdefault(limit, threading.BoundedSemaphore(limit))
-
-
 class PipelineFailed(RuntimeError):
     """A stage failed for real (or ran out of retries); names it, its error and what never ran."""
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, task_run_name="{stage}")
-def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: list[str],
-              max_parallel: int = 1) -> str:
+def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: list[str]) -> str:
     """`dvc repro --single-item <stage>`: DVC decides whether the stage is stale.
 
     Returns "ran" or "skipped"; raises StageFailed with the stage's own error text.
@@ -71,10 +61,9 @@ def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: l
     the stage command itself runs, so the commands do overlap).
     """
     logger = get_run_logger()
-    with stage_slots(max_parallel):                      # at most `max_parallel` stages at once
-        result = run_streaming(dvc_command("--wait-for-lock", "repro", "--single-item", stage),
-                               repo, subprocess_env(env),
-                               lambda line: logger.info("[%s] %s", stage, line), markers=(RAN,))
+    result = run_streaming(dvc_command("--wait-for-lock", "repro", "--single-item", stage),
+                           repo, subprocess_env(env),
+                           lambda line: logger.info("[%s] %s", stage, line), markers=(RAN,))
     raise_for_failure(f"stage {stage!r}", result, transient_patterns)
     status = "ran" if RAN in result.text_seen else "skipped"
     logger.info("stage %s %s", stage, status)
@@ -84,18 +73,21 @@ def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: l
 def run_stages(graph: StageGraph, repo: Path, env: dict[str, str], patterns: list[str],
                retries: int, retry_delay_seconds: float,
                max_parallel: int = 1) -> tuple[dict[str, str], list[str]]:
-    """One task per stage in topological order, each waiting for its upstream stages.
+    """One task per stage in topological order, each waiting for its upstream stages, on a
+    thread pool of `max_parallel` workers (so at most that many stage commands run at once).
 
     Returns ({stage: "ran" | "skipped" | "failed" | "not started"}, [failure messages]); a
     stage downstream of a failure is never started.
     """
     stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures: dict[str, PrefectFuture] = {}
-    for name in graph.order:
-        upstream = [futures[parent] for parent in graph.upstream[name]]
-        futures[name] = stage_task.submit(name, repo, env, patterns, max_parallel,
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        for name in graph.order:  # topological: a worker never waits for a task queued later
+            upstream = [futures[parent] for parent in graph.upstream[name]]
+            futures[name] = runner.submit(stage_task, {"stage": name, "repo": repo, "env": env,
+                                                       "transient_patterns": patterns},
                                           wait_for=upstream)
-    wait(list(futures.values()))
+        wait(list(futures.values()))
     statuses: dict[str, str] = {}
     failures: list[str] = []
     for name, future in futures.items():
@@ -140,7 +132,7 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
     logger = get_run_logger()
     root = Path(repo).resolve()
     check_repo(root, experiments=bool(overrides))
-    graph = load_graph(root / "dvc.yaml")
+    graph = load_graph(root)
     patterns = [*DEFAULT_TRANSIENT_PATTERNS, *(transient_patterns or [])]
     name = None
     if overrides:

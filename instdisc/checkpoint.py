@@ -1,12 +1,17 @@
 """Checkpoints are dicts of state_dicts plus plain metadata, written atomically.
 
-Two files come out of pretraining:
-- the *training* checkpoint (`models/checkpoint.pt`): encoder, loss (incl. memory bank and Z),
-  optimizer, scheduler, RNG states and the epoch, so an interrupted stage resumes where it stopped;
-- the *encoder* file (`models/encoder.pt`): the encoder's weights and how to rebuild it, which every
-  downstream stage (evaluate, export, transfer) reads through `load_encoder`.
+Two files come out of pretraining (`instdisc/stages/pretrain.py`):
+- the *training* checkpoint (`models/checkpoints/last.pt`, written by `instdisc.train.fit` after
+  every epoch): encoder, loss (incl. memory bank and Z), optimizer, scheduler, RNG states and the
+  epoch, so an interrupted stage resumes where it stopped;
+- the *encoder* file (`models/encoder.pt`, `save_encoder`): the encoder's weights, how to rebuild
+  it and how to preprocess its input, which every downstream stage (evaluate, export, linear,
+  places, semi_supervised, detection) reads through `load_encoder`. It is a DVC-cached output, so
+  it holds nothing run-specific (no MLflow run id, no timings): same inputs, same bytes.
 
 Nothing is pickled but tensors and plain containers: loading uses `torch.load(weights_only=True)`.
+`torch.save` writes to an open handle, so the zip archive inside is always named "archive"
+(given a path, torch would name it after the file, and the temporary name would leak in).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from instdisc.atomic import atomic_write
+from instdisc.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
-"""`instdisc <stage>`: one subcommand per DVC stage, each reading its own params.yaml section.
+"""`instdisc <stage>` (one subcommand per DVC stage) and `instdisc embed | search` (serving tools).
 
-Paths default to the ones in dvc.yaml, relative to the working directory (the repository root
-under `dvc repro`).
+Argument parsing only: a stage subcommand is `instdisc/stages/<stage>.py` (its options, its run),
+`embed` and `search` call `instdisc.serving`. Nothing imports this module. `embed`/`search` need
+only onnxruntime, numpy and Pillow at run time (and mlflow for a registry URI).
 """
 
 from __future__ import annotations
@@ -9,145 +10,115 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any
+
+from instdisc.stages import (
+    _common, detection, evaluate, export, linear, places, prepare, pretrain, semi_supervised)
 
 log = logging.getLogger("instdisc")
 
-PARAMS = Path("params.yaml")
-PREPARED = Path("data/prepared")
-ENCODER = Path("models/encoder.pt")
-CHECKPOINT = Path("models/checkpoints/last.pt")
-METRICS = Path("metrics")
-PLOTS = Path("plots")
+STAGE_MODULES = (prepare, pretrain, evaluate, export, linear, places, semi_supervised, detection)
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Atomic JSON write (temp file in the same folder, then rename)."""
-    from instdisc.atomic import atomic_write
+def _open_embedder(args: argparse.Namespace):
+    from instdisc.serving.embedder import Embedder
 
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(Path(path), lambda handle: handle.write(text.encode()))
+    model = str(args.model)
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        from instdisc import tracking
 
-
-def cmd_prepare(args: argparse.Namespace) -> None:
-    """Stage `prepare`: synthetic data or an image folder/archive -> data/prepared."""
-    from instdisc import config, tracking
-    from instdisc.data.prepare import prepare
-
-    params = config.load_section(args.params, "prepare")
-    common = config.load_common(args.params)
-    with tracking.run("prepare", {"seed": common.seed, "prepare": params}):
-        report = prepare(params, seed=common.seed, out_dir=args.out)
-        counts = report["counts"]
-        metrics = {"fingerprint": report["fingerprint"], "num_classes": len(counts["train"]),
-                   **{f"{split}_images": sum(per_class.values())
-                      for split, per_class in counts.items()},
-                   "skipped": len(report["skipped"]), "storage": report["storage"]}
-        write_json(metrics, args.metrics)
-        tracking.log_metrics(metrics)
-        tracking.log_artifact(args.out / "report.json")
-        tracking.set_tags({"dataset.fingerprint": metrics["fingerprint"]})
-    log.info("prepared %s", {k: v for k, v in metrics.items() if k != "fingerprint"})
+        model = tracking.download_onnx_model(model)
+    return Embedder(model, device=args.device, strict=args.strict_device,
+                    batch_size=args.batch_size, threads=args.threads)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    """Stage `pretrain`: InstDisc training -> models/encoder.pt, metrics, per-epoch plots."""
-    from instdisc import config, runtime
-    from instdisc.pretrain_stage import run_pretrain
+def cmd_embed(args: argparse.Namespace) -> None:
+    """Embed every image of a folder, archive or list file into an index folder."""
+    from instdisc.serving.index import build_index
 
-    params = config.load_section(args.params, "pretrain")
-    common = config.load_common(args.params)
-    dist = runtime.init_distributed(common.device)
-    device = runtime.resolve_device(common.device, dist.local_rank)
-    run_pretrain(params, common, device=device, dist=dist, prepared_dir=args.data,
-                 encoder_path=args.out, checkpoint_path=args.checkpoint,
-                 metrics_path=args.metrics, plots_dir=args.plots)
+    report = build_index(_open_embedder(args), args.source, args.output,
+                         shard_size=args.shard_size, overwrite=args.overwrite)
+    log.info("embedded %d images into %s (%d unreadable, listed in %s)", report["num_items"],
+             args.output, len(report["failed"]), Path(args.output) / "index.json")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Stage `evaluate`: weighted kNN of the trained and of a random-init encoder."""
-    from instdisc import config, runtime, tracking
-    from instdisc.evaluate.stage import evaluate_encoder
+def cmd_search(args: argparse.Namespace) -> None:
+    """Print the k nearest neighbours of one image in an index (exact cosine search)."""
+    from instdisc.serving.search import load_index, nearest, save_grid
 
-    params = config.load_section(args.params, "evaluate")
-    pretrain = config.load_section(args.params, "pretrain")
-    common = config.load_common(args.params)
-    device = runtime.resolve_device(common.device)
-    sigma = params.sigma or pretrain.temperature
-    with tracking.run("evaluate", {"seed": common.seed, "evaluate": params, "sigma": sigma}):
-        metrics = evaluate_encoder(args.encoder, args.data, device, k=params.k, sigma=sigma,
-                                   batch_size=params.batch_size, chunk_size=params.chunk_size,
-                                   seed=common.seed)
-        write_json(metrics, args.metrics)
-        tracking.log_metrics(_flat(metrics))
-        tracking.log_artifact(args.metrics)
-    log.info("kNN top-1 %.2f%% (random init %.2f%%)", metrics["knn"]["top1"],
-             metrics["random_init"]["knn"]["top1"])
+    index = load_index(args.index)
+    hits = nearest(index, _open_embedder(args), args.image, k=args.k, chunk_size=args.chunk_size)
+    if args.json:
+        json.dump([{"id": i, "score": s} for i, s in hits], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for rank, (item_id, score) in enumerate(hits, 1):
+            sys.stdout.write(f"{rank:>3}  {score:.4f}  {item_id}\n")
+    if args.grid:
+        save_grid(args.image, hits, index, args.grid)
+        log.info("wrote %s", args.grid)
 
 
-def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(_common.ONNX_MODEL),
+                   help="ONNX file, or a registry URI such as models:/instdisc-encoder@candidate "
+                        "(default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="onnxruntime provider: cuda first, cpu, or auto (default: %(default)s)")
+    p.add_argument("--strict-device", action="store_true",
+                   help="fail instead of falling back to the CPU when CUDA cannot be used")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per run (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: onnxruntime's, one per physical core)")
+
+
+def _add_serving(sub: argparse._SubParsersAction) -> None:
+    text = "Embed the images of a folder, .zip/.tar archive or list file into an index folder."
+    p = sub.add_parser("embed", help=text, description=text)
+    p.add_argument("source", type=Path, nargs="+",
+                   help="a folder (searched recursively), a .zip/.tar/.tar.gz archive, a .txt "
+                        "file listing one image path per line, or image files")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="index folder: embeddings.npy, ids.txt, index.json; an unfinished run "
+                        "resumes from the shards it left there")
+    p.add_argument("--shard-size", type=int, default=4096,
+                   help="images per resumable shard (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished index")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    text = "Find the nearest neighbours of an image in an index (exact cosine similarity)."
+    p = sub.add_parser("search", help=text, description=text)
+    p.add_argument("image", type=Path, help="query image file")
+    p.add_argument("--index", type=Path, required=True, help="index folder written by `embed`")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=65536,
+                   help="index rows scored at a time; bounds memory (default: %(default)s)")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="also save a PNG of the query and its neighbours here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_search)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="instdisc", description="Non-parametric instance discrimination pipeline stages.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-
-    def stage(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--params", type=Path, default=PARAMS, help="params file (default: %(default)s)")
-        p.set_defaults(func=func)
-        return p
-
-    p = stage("prepare", cmd_prepare, "Prepare the dataset (synthetic or image folder/archive).")
-    p.add_argument("--out", type=Path, default=PREPARED, help="output folder (default: %(default)s)")
-    p.add_argument("--metrics", type=Path, default=METRICS / "prepare.json")
-
-    p = stage("pretrain", cmd_pretrain, "Train the encoder by instance discrimination.")
-    p.add_argument("--data", type=Path, default=PREPARED, help="prepared dataset (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=ENCODER, help="encoder file (default: %(default)s)")
-    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
-                   help="resumable training checkpoint (default: %(default)s)")
-    p.add_argument("--metrics", type=Path, default=METRICS / "pretrain.json")
-    p.add_argument("--plots", type=Path, default=PLOTS)
-
-    p = stage("evaluate", cmd_evaluate, "Weighted kNN evaluation on recomputed features.")
-    p.add_argument("--data", type=Path, default=PREPARED)
-    p.add_argument("--encoder", type=Path, default=ENCODER)
-    p.add_argument("--metrics", type=Path, default=METRICS / "evaluate.json")
-
-    from instdisc import cli_serving
-
-    cli_serving.register(sub)
-    from instdisc import cli_transfer
-
-    cli_transfer.register(sub)
+    for module in STAGE_MODULES:
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    _add_serving(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `instdisc` console script."""
-    logging.basicConfig(level=os.environ.get("INSTDISC_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from instdisc.errors import StageError
-
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, StageError) as err:
-        log.error("%s failed: %s", args.command, err)
-        return 2
-    return 0
+    return _common.run_logged(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""ONNX export of the trained encoder, its parity gate, and the `export` DVC stage.
+"""ONNX export of the trained encoder and its parity gate (the DVC stage: `instdisc/stages/export.py`).
 
-The only module that imports onnx and torch.onnx. The exported graph is the eval-mode encoder
+The only module that imports onnx and torch.onnx (besides ONNX Runtime in `instdisc.serving`). The exported graph is the eval-mode encoder
 *with its preprocessing*: input `images` uint8 (B, H, W, 3) RGB, output `embeddings` float32
 (B, D) with unit L2 norm (Wu et al. 2018, arXiv:1805.01978, Sec. 3.1). The graph casts to float,
 applies the training mean/std and transposes to NCHW, so production code never re-implements the
 normalisation and sends 4x fewer bytes to the GPU. Resizing and cropping stay outside the graph
-(`instdisc.embedder.fit_image`): they depend on the source image. Batch is dynamic; height and
+(`instdisc.serving.embedder.fit_image`): they depend on the source image. Batch is dynamic; height and
 width are dynamic where the exporter proves the network accepts them. `ModelInfo` (image size,
-mean/std, feature dim, opset, training run id, ...) is stored in the model's `metadata_props`.
-Weights are embedded: one self-contained .onnx file, no external-data sidecar.
+mean/std, feature dim, opset, dataset fingerprint, ...) is stored in the model's `metadata_props`.
+Weights are embedded: one self-contained .onnx file, no external-data sidecar. The file is a
+DVC-cached output, so it holds nothing run-specific: no MLflow run ids (the registry records
+those), and none of the source paths and stack traces the exporter writes into node metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import copy
 import dataclasses
 import logging
 import os
-import time
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -29,10 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instdisc import checkpoint, tracking
-from instdisc.config import ExportParams
-from instdisc.embed_index import atomic_write
-from instdisc.embedder import INPUT, OUTPUT, Embedder, ModelInfo, fit_image, load_rgb
+from instdisc.io import atomic_write
+from instdisc.serving.embedder import INPUT, OUTPUT, Embedder, ModelInfo, fit_image, load_rgb
 from instdisc.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,6 @@ def model_info(encoder: nn.Module, meta: dict[str, Any], opset: int, **extra: An
         mean=tuple(float(m) for m in preprocess["mean"]),
         std=tuple(float(s) for s in preprocess["std"]),
         resize=preprocess.get("resize"), feature_dim=int(encoder.feature_dim), opset=opset,
-        train_run_id=str(meta.get("mlflow_run_id") or ""),
         encoder_config=dict(meta.get("encoder_config", {})), **extra)
 
 
@@ -139,9 +137,42 @@ def to_onnx(encoder: nn.Module, info: ModelInfo, path: Path, *, dynamic_spatial:
         entry.key, entry.value = key, value
     proto.doc_string = (f"instdisc encoder: {INPUT} uint8 (B, H, W, 3) RGB -> {OUTPUT} float32 "
                         f"(B, {info.feature_dim}) unit norm; metadata keys instdisc.*")
+    strip_provenance(proto)
     onnx.checker.check_model(proto, full_check=True)
-    atomic_write(Path(path), lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+    data = proto.SerializeToString()
+    atomic_write(Path(path), lambda handle: handle.write(data))
     return info
+
+
+def strip_provenance(proto: onnx.ModelProto) -> None:
+    """Drop what the exporter records about where it ran: node doc strings and node/value
+    metadata (source file paths, stack traces, module names), in every graph and function.
+
+    These make the bytes depend on the checkout's path; they carry nothing the model needs.
+    """
+    def graphs(graph: onnx.GraphProto):
+        yield graph
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from graphs(attribute.g)
+                for sub in attribute.graphs:
+                    yield from graphs(sub)
+
+    containers = [*graphs(proto.graph), *proto.functions]
+    for container in containers:
+        for node in container.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+        for field in ("input", "output", "value_info", "initializer"):
+            for value in getattr(container, field, []):
+                if hasattr(value, "metadata_props"):
+                    del value.metadata_props[:]
+                if hasattr(value, "doc_string"):
+                    value.doc_string = ""
+        if hasattr(container, "metadata_props"):
+            del container.metadata_props[:]
+        container.doc_string = ""
 
 
 @torch.no_grad()
@@ -210,53 +241,12 @@ class Variant(NamedTuple):
     device: str  # where ONNX Runtime runs the parity check
 
 
-def run_export(params: ExportParams, encoder_path: Path, prepared_dir: Path,
-               out_path: Path, device: str = "auto") -> dict[str, Any]:
-    """DVC stage `export`: ONNX file(s) next to `out_path`, parity gate, MLflow model + alias.
-
-    The fp32 gate always runs on the CPU (the reference platform); the fp16 one on `device`
-    (params.yaml `device`: auto/cuda* -> CUDA if usable, else CPU). A failed gate raises
-    StageError: the stage fails and `out_path` keeps its previous content.
-    """
-    start = time.perf_counter()
-    out_path = Path(out_path)
-    encoder, meta = checkpoint.load_encoder(encoder_path)
-    info = model_info(encoder, meta, params.opset,
-                      dataset_fingerprint=str(meta.get("fingerprint") or ""))
-    images = parity_images(prepared_dir, params.parity_batch, info.image_size, info.resize)
-    variants = [Variant("fp32", out_path, False, params.parity_atol, params.parity_min_cosine,
-                        "cpu")]
-    if params.fp16:  # checked on the GPU when there is one: that is where fp16 is served
-        variants.append(Variant("fp16", out_path.with_suffix(".fp16.onnx"), True,
-                                params.fp16_atol, FP16_MIN_COSINE,
-                                "cpu" if device == "cpu" else "auto"))
-    metrics: dict[str, Any] = {"opset": params.opset, "feature_dim": info.feature_dim,
-                               "image_size": list(info.image_size)}
-    with tracking.run("export", {"export": params, "device": device}) as run_id:
-        info = dataclasses.replace(info, export_run_id=run_id or "")
-        exported = export_gated(encoder, info, images, variants, params.dynamic_spatial, metrics)
-        metrics["dynamic_spatial"] = exported["fp32"].dynamic_spatial
-        metrics["export_seconds"] = round(time.perf_counter() - start, 2)
-        tracking.log_metrics({"export_seconds": metrics["export_seconds"]})
-        if params.fp16:
-            tracking.log_artifact(variants[1].path, artifact_path="fp16")
-        if params.register:
-            version = tracking.log_onnx_model(
-                out_path, params.model_name, params.alias,
-                metadata={"instdisc": exported["fp32"].as_dict()},
-                version_tags={"opset": params.opset, "image_size": list(info.image_size),
-                              "parity.max_abs_diff": metrics["parity"]["max_abs_diff"]})
-            metrics["registry"] = {"model_name": params.model_name, "alias": params.alias,
-                                   "version": version, "run_id": run_id}
-    return metrics
-
-
 def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
                  variants: list[Variant], dynamic_spatial: bool,
                  metrics: dict[str, Any]) -> dict[str, ModelInfo]:
     """Export every variant to a staged file, check parity, then move all into place together.
 
-    Parity results go into `metrics` ("parity", "fp16_parity") and MLflow; on any failure no
+    Parity results go into `metrics` ("parity", "fp16_parity"); on any failure no
     file is moved and StageError names the numbers and their bounds.
     """
     staged, exported = [], {}
@@ -270,8 +260,6 @@ def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
                                   device=v.device)
             key = "parity" if v.name == "fp32" else f"{v.name}_parity"
             metrics[key], metrics[f"{v.name}_bytes"] = parity, tmp.stat().st_size
-            tracking.log_metrics({f"{key}.max_abs_diff": parity["max_abs_diff"],
-                                  f"{key}.min_cosine": parity["min_cosine"]})
             if not parity["passed"]:
                 raise StageError(f"{v.name} ONNX parity failed on {parity['num_images']} images: "
                                  f"max |diff| {parity['max_abs_diff']:.3e} (bound {v.atol}), min "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from instdisc.atomic import atomic_write
+from instdisc.io import atomic_write
 
 log = logging.getLogger(__name__)
 

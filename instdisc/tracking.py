@@ -1,17 +1,17 @@
-"""MLflow bookkeeping: the only module in `instdisc/` that imports mlflow.
+"""MLflow bookkeeping: the only module of the project that imports mlflow (flows use it too).
 
 Every stage run becomes one MLflow run named after the stage, with the stage's params, per-epoch
 metrics, its metrics/plot files as artifacts, and tags for the git commit and the DVC hashes of the
 data it read. The store defaults to a local SQLite file (`sqlite:///mlflow.db` in the working
 directory, i.e. the repository root under `dvc repro`); `MLFLOW_TRACKING_URI` points it anywhere
-else. When a Prefect flow drives the pipeline it exports `INSTDISC_PARENT_RUN_ID`, and each stage
-run is nested under that parent run.
+else. When a Prefect flow drives the pipeline it creates a parent run (`start_parent_run`) and
+exports `INSTDISC_PARENT_RUN_ID`, and each stage run is nested under that parent run. The model
+registry (`log_onnx_model`, `download_onnx_model`) lives here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import subprocess
@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from instdisc.io import flatten, numeric
 
 log = logging.getLogger(__name__)
 
@@ -35,44 +35,48 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
-def tracking_uri() -> str:
+def tracking_uri(root: Path | None = None) -> str:
     """`MLFLOW_TRACKING_URI`, or the embedded SQLite store at the project root.
 
-    A relative SQLite path is made absolute against `project_root()`, so stage runs of temporary
-    DVC experiments land in the same store as the workspace's.
+    A relative SQLite path is made absolute against `root` (default `project_root()`), so stage
+    runs of temporary DVC experiments land in the same store as the workspace's.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
-        return prefix + str(project_root() / uri[len(prefix):])
+        base = project_root() if root is None else Path(root).resolve()
+        return prefix + str(base / uri[len(prefix):])
     return uri
 
 
-def _use_experiment(name: str) -> None:
-    """Select (creating if needed) the experiment; with a local SQLite store its artifacts go to
-    `<project root>/mlruns`, not to whatever the working directory happens to be."""
-    import mlflow
-
-    if mlflow.get_experiment_by_name(name) is None and tracking_uri().startswith("sqlite:"):
-        try:
-            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
-            pass
-    mlflow.set_experiment(name)
+def experiment_name() -> str:
+    """`MLFLOW_EXPERIMENT_NAME`, or "instdisc"."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
-def flatten(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts/dataclasses -> {"a.b": value}; lists and tuples become strings."""
-    if dataclasses.is_dataclass(params):
-        params = dataclasses.asdict(params)
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if dataclasses.is_dataclass(value) or isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(list(value)) if isinstance(value, (list, tuple)) else value
-    return flat
+def _experiment_id(client: Any, uri: str, root: Path) -> str:
+    """Get or create the experiment; with a local SQLite store its artifacts go to
+    `<root>/mlruns`, not to whatever the working directory happens to be."""
+    from mlflow.exceptions import MlflowException
+
+    name = experiment_name()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (Path(root).resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a concurrent stage
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def param_values(params: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """Flattened params as MLflow stores them: lists and tuples become strings."""
+    return {k: str(list(v)) if isinstance(v, (list, tuple)) else v
+            for k, v in flatten(params).items()}
 
 
 def git_commit(repo: Path = Path(".")) -> str | None:
@@ -86,20 +90,26 @@ def git_commit(repo: Path = Path(".")) -> str | None:
 
 
 def dvc_input_hashes(stage: str, repo: Path = Path(".")) -> dict[str, str]:
-    """{"dvc.dep.<path>": md5} for the stage's deps that an upstream stage wrote (from dvc.lock).
+    """{"dvc.dep.<path>": md5} for the stage's deps that an upstream stage wrote, from DVC.
 
-    Under `dvc repro` the lock entry of the running stage is written only after it finishes, but
-    its inputs produced by upstream stages are already locked: those hashes name the exact data
-    version this run read.
+    Asks DVC's own index (dvc.yaml + dvc.lock, as `dvc status` reads them). Under `dvc repro`
+    the lock entry of the running stage is written only after it finishes, but its inputs
+    produced by upstream stages are already locked: those hashes name the exact data version
+    this run read. Outside a DVC repository: {}.
     """
-    dvc_yaml, dvc_lock = repo / "dvc.yaml", repo / "dvc.lock"
-    if not (dvc_yaml.is_file() and dvc_lock.is_file()):
+    if not (Path(repo) / "dvc.yaml").is_file():
         return {}
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in stages.get(stage, {}).get("deps", [])]
-    lock = (yaml.safe_load(dvc_lock.read_text()) or {}).get("stages", {})
-    produced = {o["path"]: o.get("md5") for entry in lock.values() for o in entry.get("outs", [])}
-    return {f"dvc.dep.{d}": produced[d] for d in deps if produced.get(d)}
+    from dvc.repo import Repo  # stage commands run under DVC: it is installed
+
+    with Repo(str(repo)) as dvc_repo:
+        stages = list(dvc_repo.index.stages)
+        produced = {str(out.fs_path): out.hash_info.value for s in stages for out in s.outs
+                    if out.hash_info and out.hash_info.value}
+        root = Path(dvc_repo.root_dir)
+        return {f"dvc.dep.{Path(dep.fs_path).relative_to(root).as_posix()}":
+                produced[str(dep.fs_path)]
+                for s in stages if stage in (s.name, s.addressing)
+                for dep in s.deps if str(dep.fs_path) in produced}
 
 
 @contextlib.contextmanager
@@ -114,16 +124,18 @@ def run(stage: str, params: Mapping[str, Any] | Any, *, enabled: bool = True,
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    _use_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=_experiment_id(mlflow.MlflowClient(uri), uri,
+                                                      project_root()))
     tags = {"instdisc.stage": stage, **dvc_input_hashes(stage, repo)}
     commit = git_commit(repo)
     if commit:
         tags["mlflow.source.git.commit"] = commit
     parent = os.environ.get(PARENT_RUN_ENV) or None
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as active:
-        mlflow.log_params(flatten(params))
-        log.info("MLflow run %s (%s) at %s", active.info.run_id, stage, tracking_uri())
+        mlflow.log_params(param_values(params))
+        log.info("MLflow run %s (%s) at %s", active.info.run_id, stage, uri)
         yield active.info.run_id
 
 
@@ -134,14 +146,12 @@ def _active() -> bool:
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log numeric metrics to the active run (dots kept; non-numbers skipped)."""
+    """Log the finite numbers of `metrics` to the active run (dots kept; the rest skipped)."""
     if not _active():
         return
     import mlflow
 
-    numeric = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    mlflow.log_metrics(numeric, step=step)
+    mlflow.log_metrics(numeric(metrics), step=step)
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
@@ -160,6 +170,20 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def find_run(tag: str, value: str) -> str | None:
+    """Id of the newest run of the current experiment tagged `tag` = `value`, or None."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(experiment_name())
+    if experiment is None:
+        return None
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def _requirement(dist: str) -> str:
@@ -218,3 +242,48 @@ def download_onnx_model(uri: str, dst_path: Path | None = None) -> Path:
         raise ValueError(f"{uri!r} should hold exactly one .onnx file, found "
                          f"{[str(p.relative_to(local)) for p in found]}")
     return found[0]
+
+
+# ---- parent runs (created by the Prefect flows, outside any stage process)
+
+def start_parent_run(root: Path, run_name: str, tags: Mapping[str, Any],
+                     uri: str | None = None) -> tuple[str, str]:
+    """Create a run that stage runs nest under; returns (run id, experiment id). End it with
+    `end_run`. `uri` defaults to `tracking_uri(root)`."""
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri(root)
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, uri, root)
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={k: str(v) for k, v in tags.items()})
+    return run.info.run_id, experiment_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run created by `start_parent_run` as terminated (FINISHED, FAILED, KILLED)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def log_run_metrics(uri: str, run_id: str, metrics: Mapping[str, Any]) -> None:
+    """Log the finite numbers of `metrics` to the run `run_id` (not the active run)."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, 0) for k, v in numeric(metrics).items()]
+    if batch:
+        MlflowClient(uri).log_batch(run_id, metrics=batch)
+
+
+def set_run_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tag the run `run_id` (not the active run)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))

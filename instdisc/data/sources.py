@@ -16,12 +16,12 @@ import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,65 @@ def source_kind(path: Path) -> str:
                      f"{', '.join(ARCHIVE_SUFFIXES)}")
 
 
+class Archive:
+    """The files of a .zip or .tar(.gz) archive: listing, random reads and one streamed pass.
+
+    The one archive reader of the project (image sources, embedding indexes, VOC sets). Only
+    regular files are listed; tar links and special members are counted in `skipped_links`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.kind = source_kind(self.path)
+        if self.kind == "folder":
+            raise ValueError(f"{str(self.path)!r} is a folder, not an archive")
+        self.skipped_links: list[str] = []
+        self._members: dict[str, tarfile.TarInfo] = {}
+        if self.kind == "zip":
+            self._handle: zipfile.ZipFile | tarfile.TarFile | None = zipfile.ZipFile(self.path)
+            self._names = [i.filename for i in self._handle.infolist() if not i.is_dir()]
+        else:
+            self._handle = tarfile.open(self.path)
+            infos = self._handle.getmembers()
+            self.skipped_links = [i.name for i in infos if not (i.isfile() or i.isdir())]
+            self._members = {i.name: i for i in infos if i.isfile()}
+            self._names = list(self._members)
+
+    def names(self) -> list[str]:
+        """Regular files, in archive order."""
+        return list(self._names)
+
+    def read(self, name: str) -> bytes:
+        """One member's bytes (KeyError for an unknown name)."""
+        if isinstance(self._handle, zipfile.ZipFile):
+            return self._handle.read(name)
+        assert isinstance(self._handle, tarfile.TarFile), "archive is closed"
+        handle = self._handle.extractfile(self._members[name])
+        assert handle is not None, name
+        return handle.read()
+
+    def stream(self, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) for `names`: zips in the order given, tars in archive order (one pass)."""
+        if self.kind == "zip":
+            yield from ((name, self.read(name)) for name in names)
+            return
+        wanted = set(names)
+        for name in self._names:
+            if name in wanted:
+                yield name, self.read(name)
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
 class ImageSource:
     """The sorted file listing of one source, and its contents on demand (a context manager).
 
@@ -82,8 +141,7 @@ class ImageSource:
     def __init__(self, path: Path) -> None:
         self.path = Path(path).resolve()
         self.kind = source_kind(self.path)
-        self._archive: zipfile.ZipFile | tarfile.TarFile | None = None
-        self._tar_members: dict[str, tarfile.TarInfo] = {}
+        self._archive: Archive | None = None
         try:
             members = self._open_listing()
             self.entries, self.ignored = _layout(members, self.path)
@@ -96,21 +154,14 @@ class ImageSource:
 
     def _open_listing(self) -> list[str]:
         """Open the archive (if any) and list its files."""
-        if self.kind == "zip":
-            self._archive = zipfile.ZipFile(self.path)
-            members = [i.filename for i in self._archive.infolist() if not i.is_dir()]
-        elif self.kind == "tar":
-            self._archive = tarfile.open(self.path)
-            infos = self._archive.getmembers()
-            links = [i.name for i in infos if not (i.isfile() or i.isdir())]
-            if links:
-                log.warning("%s: %d links or special members skipped, e.g. %s", self.path,
-                            len(links), links[0])
-            self._tar_members = {i.name: i for i in infos if i.isfile()}
-            members = list(self._tar_members)
-        else:
-            members = _walk(self.path)
-        return members
+        if self.kind == "folder":
+            return _walk(self.path)
+        self._archive = Archive(self.path)
+        links = self._archive.skipped_links
+        if links:
+            log.warning("%s: %d links or special members skipped, e.g. %s", self.path,
+                        len(links), links[0])
+        return self._archive.names()
 
     def __enter__(self) -> ImageSource:
         return self
@@ -150,12 +201,8 @@ class ImageSource:
             yield SourceRecord(entry, data)
 
     def _read_member(self, member: str) -> bytes:
-        if isinstance(self._archive, zipfile.ZipFile):
-            return self._archive.read(member)
-        assert isinstance(self._archive, tarfile.TarFile), "source is closed"
-        handle = self._archive.extractfile(self._tar_members[member])
-        assert handle is not None, member
-        return handle.read()
+        assert self._archive is not None, "source is closed"
+        return self._archive.read(member)
 
 
 def iter_source(path: Path) -> Iterator[SourceRecord]:
@@ -176,7 +223,11 @@ def decode_rgb(data: bytes | Path) -> tuple[Image.Image, str]:
         data = data.read_bytes()
     if not data:
         raise ValueError("empty file")
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names a BytesIO object's address: unstable
+        raise UnidentifiedImageError("cannot identify image file") from None
+    with opened as image:
         image.load()  # decodes everything: truncated files fail here, not later
         mode = image.mode
         if mode == "RGB":

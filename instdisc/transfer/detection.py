@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from instdisc import checkpoint, runtime
 from instdisc.config import DetectionParams
+from instdisc.errors import StageError
 from instdisc.transfer import voc
 from instdisc.transfer.voc_ap import mean_average_precision
 
@@ -164,8 +165,8 @@ def train_detector(model: FasterRCNN, samples: list[voc.DetectionSample], device
         losses = model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise runtime.StageError(f"detection loss is {loss.item()} at step {step}: "
-                                     f"{ {k: v.item() for k, v in losses.items()} }; lower lr")
+            raise StageError(f"detection loss is {loss.item()} at step {step}: "
+                             f"{ {k: v.item() for k, v in losses.items()} }; lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

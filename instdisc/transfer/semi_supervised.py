@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from instdisc import checkpoint, runtime
 from instdisc.config import SemiSupervisedParams
+from instdisc.errors import StageError
 from instdisc.data import loaders
 from instdisc.data.augment import BatchAugment
 from instdisc.data.prepared import PreparedDataset, SplitData
@@ -107,7 +108,7 @@ def finetune(model: nn.Module, labelled: SplitData, augment: BatchAugment, devic
                 break
     bar.close()
     if not torch.isfinite(loss):
-        raise runtime.StageError(f"fine-tuning diverged (loss {loss.item()}); lower lr ({lr})")
+        raise StageError(f"fine-tuning diverged (loss {loss.item()}); lower lr ({lr})")
     return loss.item()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import shutil
 import xml.etree.ElementTree as ET
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from instdisc.data.prepared import atomic_output_dir
+from instdisc.data.sources import Archive
 from instdisc.transfer.synthetic_voc import write_synthetic_voc
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,8 @@ def _find_root(names: list[str], source: str) -> str:
 
 def _extract_zip(path: Path, out: Path) -> None:
     """Extract the VOC parts of a zip (wrapper folder stripped); unsafe member names are errors."""
-    with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if not n.endswith("/")]
+    with Archive(path) as archive:
+        names = archive.names()
         prefix = _find_root(names, str(path))
         for name in names:
             if prefix and not name.startswith(prefix + "/"):

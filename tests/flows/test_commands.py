@@ -11,7 +11,7 @@ import pytest
 from flows import metrics, settings
 from flows.commands import (
     StageFailed, failure_reason, is_transient, raise_for_failure, retry_if_transient, run_streaming)
-from flows.dag import Stage, build_graph
+from flows.dag import Stage, StageGraph
 
 DVC_FAILURE = [
     "Running stage 'train':",
@@ -101,8 +101,9 @@ def test_subprocess_env_puts_this_interpreter_first_on_path():
 
 
 def test_metrics_are_named_stage_dot_key(tmp_path):
-    graph = build_graph([Stage("evaluate", (), ("m/e.json",), ("m/e.json",)),
-                         Stage("pretrain", (), ("m/p.json",), ("m/p.json",))])
+    graph = StageGraph({"evaluate": Stage("evaluate", ("m/e.json",)),
+                        "pretrain": Stage("pretrain", ("m/p.json",))},
+                       {"evaluate": (), "pretrain": ()})
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "e.json").write_text('{"knn": {"top1": 51.5}, "n": 3}')
     files, problems = metrics.read_workspace(tmp_path, graph)

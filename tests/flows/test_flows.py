@@ -197,6 +197,6 @@ def test_real_pipeline_flow_writes_the_metrics_dvc_repro_writes(tmp_path, monkey
     assert {c.data.tags["instdisc.stage"] for c in children} == set(result["stages"])
     flow_metrics = {k: stable(json.loads(v)) for k, v in read_metrics(flow_repo).items()}
     repro_metrics = {k: stable(json.loads(v)) for k, v in read_metrics(repro_repo).items()}
-    declared = {Path(p).name for s in load_graph(flow_repo / "dvc.yaml").stages.values()
+    declared = {Path(p).name for s in load_graph(flow_repo).stages.values()
                 for p in s.metrics}
     assert set(flow_metrics) == declared and flow_metrics == repro_metrics

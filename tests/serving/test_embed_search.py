@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from serving_helpers import FEATURE_DIM, tiny_export, write_images
 
-from instdisc.embed_index import build_index, open_source
-from instdisc.embedder import Embedder
-from instdisc.search import load_index, save_grid, search
+from instdisc.serving.index import build_index, open_source
+from instdisc.serving.embedder import Embedder
+from instdisc.serving.search import load_index, save_grid, search
 
 
 @pytest.fixture(scope="session")

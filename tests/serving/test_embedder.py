@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_export, write_images
 
-from instdisc.embedder import CPU, CUDA, Embedder, ProviderError, cuda_driver_present, fit_image
+from instdisc.serving.embedder import CPU, CUDA, Embedder, ProviderError, cuda_driver_present, fit_image
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def _cuda_works(path) -> bool:
 def test_cuda_request_on_a_cpu_host_is_reported_as_a_fallback(tiny, caplog):
     if _cuda_works(tiny.onnx_path):
         pytest.skip("CUDA works here: nothing falls back")
-    with caplog.at_level(logging.WARNING, logger="instdisc.embedder"):
+    with caplog.at_level(logging.WARNING, logger="instdisc.serving.embedder"):
         embedder = Embedder(tiny.onnx_path, device="cuda")
     assert (embedder.requested, embedder.provider, embedder.device) == (CUDA, CPU, "cpu")
     assert embedder.fell_back and not embedder.io_binding

@@ -11,8 +11,10 @@ import yaml
 from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_encoder_file, tiny_export
 
 from instdisc import checkpoint, cli, tracking
+from instdisc.io import file_sha256
+from instdisc.stages._common import ENCODER_TAG
 from instdisc.config import PrepareParams, SyntheticParams
-from instdisc.embedder import Embedder, ModelInfo
+from instdisc.serving.embedder import Embedder, ModelInfo
 from instdisc.export import check_parity, parity_images, reference_embeddings
 
 
@@ -74,7 +76,7 @@ def test_metadata_round_trip(tiny):
     info = ModelInfo.from_metadata(props)
     assert info == tiny.info
     assert info.image_size == (IMAGE_SIZE, IMAGE_SIZE) and info.feature_dim == FEATURE_DIM
-    assert info.opset == 20 and info.train_run_id == "train-run-123"
+    assert info.opset == 20 and info.train_run_id == "" and info.export_run_id == ""  # no run ids
     assert info.mean == pytest.approx((0.485, 0.456, 0.406)) and info.dynamic_spatial
     assert info.encoder_config["width"] == 0.125
     assert Embedder(tiny.onnx_path, device="cpu").info == info  # as onnxruntime reads it
@@ -114,6 +116,8 @@ def _write_params(stage_dir, **export):
 
 def test_export_stage_writes_models_metrics_and_registers_an_alias(stage_dir, prepared):
     _write_params(stage_dir, fp16=True, parity_batch=4)
+    with tracking.run("pretrain", {}) as train_run_id:  # the run that wrote the encoder file
+        tracking.set_tags({ENCODER_TAG: file_sha256(stage_dir / "models" / "encoder.pt")})
     assert cli.main(["export"]) == 0  # the dvc.yaml command, with its default paths
     metrics = json.loads((stage_dir / "metrics" / "export.json").read_text())
     assert metrics["parity"]["passed"] and metrics["parity"]["num_images"] == 4
@@ -131,8 +135,7 @@ def test_export_stage_writes_models_metrics_and_registers_an_alias(stage_dir, pr
     local = Embedder(stage_dir / "models" / "encoder.onnx", device="cpu")
     remote = Embedder(tracking.download_onnx_model("models:/instdisc-encoder@candidate",
                                                    stage_dir / "download"), device="cpu")
-    assert remote.info.export_run_id == metrics["registry"]["run_id"]
-    assert remote.info.train_run_id == "train-run-123"
+    assert remote.info.export_run_id == remote.info.train_run_id == ""  # the file: no run ids
     images = random_images(3)
     np.testing.assert_array_equal(remote.run(images), local.run(images))
     import mlflow  # the README's production snippet, verbatim
@@ -142,6 +145,8 @@ def test_export_stage_writes_models_metrics_and_registers_an_alias(stage_dir, pr
                                   local.run(images))
     version = mlflow.MlflowClient().get_model_version_by_alias("instdisc-encoder", "candidate")
     assert str(version.version) == registry["version"] and version.tags["opset"] == "20"
+    assert version.tags["export_run_id"] == registry["run_id"] == version.run_id
+    assert version.tags["train_run_id"] == train_run_id  # found by the encoder file's sha256
 
 
 def test_export_stage_fails_and_writes_nothing_when_parity_fails(stage_dir, tiny, monkeypatch,

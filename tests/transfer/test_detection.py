@@ -76,3 +76,15 @@ def test_detection_on_raccoon_voc(tmp_path):
     assert result["dataset"] == {"source": str(RACCOON), "classes": ["raccoon"], "train": 160,
                                  "test": 40}
     assert 0.0 <= result["map"] <= 1.0
+
+
+def test_diverging_detection_raises_the_stage_error(tmp_path):
+    """A non-finite loss stops the stage with errors.StageError naming the step and the fix."""
+    from instdisc.errors import StageError
+
+    params = DetectionParams(synthetic_train=4, synthetic_test=2, synthetic_size=48, min_size=48,
+                             max_size=48, iterations=2, batch_size=2, warmup_iters=1, lr=1e30,
+                             fpn_channels=16, representation_size=32)
+    with pytest.raises(StageError, match=r"detection loss is (nan|inf) at step 1: .*; lower lr"):
+        run_detection(params, write_encoder(tmp_path / "encoder.pt"), tmp_path / "det",
+                      torch.device("cpu"), seed=0)

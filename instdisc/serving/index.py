@@ -14,15 +14,11 @@ Needs numpy, Pillow and onnxruntime only (no torch).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tarfile
-import uuid
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from instdisc.embedder import Embedder
+from instdisc.data.sources import Archive
+from instdisc.io import atomic_path, atomic_write, file_sha256, write_json
+from instdisc.serving.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +58,16 @@ class Source:
         """(id, file path or bytes) for `ids`; tar archives are streamed once, in archive order."""
         if self.kind in ("folder", "list"):
             yield from ((i, self.path_of(i)) for i in ids)
-        elif self.kind == "zip":
-            with zipfile.ZipFile(self.location) as archive:
-                for item_id in ids:
-                    yield item_id, archive.read(item_id)
-        else:
-            wanted = set(ids)
-            with tarfile.open(self.location, "r|*") as archive:
-                for member in archive:
-                    if member.name in wanted:
-                        yield member.name, archive.extractfile(member).read()
+            return
+        with Archive(self.location) as archive:
+            yield from archive.stream(ids)
 
     def open_item(self, item_id: str) -> Path | bytes:
         """One item by id (random access; slow for large .tar.gz, fine for a result grid)."""
         if self.kind in ("folder", "list"):
             return self.path_of(item_id)
-        if self.kind == "zip":
-            with zipfile.ZipFile(self.location) as archive:
-                return archive.read(item_id)
-        with tarfile.open(self.location) as archive:
-            return archive.extractfile(item_id).read()
+        with Archive(self.location) as archive:
+            return archive.read(item_id)
 
 
 def _is_image(name: str) -> bool:
@@ -104,59 +92,26 @@ def open_source(paths: Sequence[Path]) -> Source:
         files = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
         ids = [f for f in files if _is_image(f)]
         return Source("folder", first.absolute(), ids, ignored=len(files) - len(ids))
-    name = first.name.lower()
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(first) as archive:
-            names = [i.filename for i in archive.infolist() if not i.is_dir()]
-        kind = "zip"
-    elif name.endswith((".tar", ".tar.gz", ".tgz")):
-        with tarfile.open(first) as archive:
-            names = [m.name for m in archive.getmembers() if m.isfile()]
-        kind = "tar"
-    elif first.suffix.lower() in LIST_SUFFIXES:
+    if first.suffix.lower() in LIST_SUFFIXES:
         ids = [line.strip() for line in first.read_text().splitlines()]
         return Source("list", first.absolute().parent, [i for i in ids if i])
-    else:
+    try:
+        with Archive(first) as archive:
+            names, kind = archive.names(), archive.kind
+    except ValueError:
         raise ValueError(f"input {str(first)!r} is neither a folder, a .zip/.tar(.gz) archive, "
-                         f"a list file ({', '.join(sorted(LIST_SUFFIXES))}) nor an image file")
+                         f"a list file ({', '.join(sorted(LIST_SUFFIXES))}) nor an image "
+                         "file") from None
     ids = [n for n in names if _is_image(n)]
     return Source(kind, first.absolute(), ids, ignored=len(names) - len(ids))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(temp_path) for a fresh file next to `path`, then rename it over `path`.
-
-    The temp file is created with open(..., "x"), so the result has the usual umask permissions.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        open(tmp, "xb").close()
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
+    write_json(data, path, indent=1)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-    atomic_write(path, write)
+    atomic_write(path, lambda handle: np.save(handle, array))
 
 
 class _Shards:
@@ -266,7 +221,7 @@ def _finish(out_dir: Path, shards: _Shards, source: Source, model: dict[str, Any
     count = sum(sum(i in wanted for i in ids) for ids, _, _ in parts)
     all_ids, failed = [], []
 
-    def write(tmp: Path) -> None:
+    with atomic_path(out_dir / "embeddings.npy") as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
         row = 0
         for ids, bad, npy in parts:
@@ -278,10 +233,8 @@ def _finish(out_dir: Path, shards: _Shards, source: Source, model: dict[str, Any
             failed.extend(f for f in bad if f["id"] in wanted)
         out.flush()
         del out
-
-    atomic_write(out_dir / "embeddings.npy", write)
-    atomic_write(out_dir / "ids.txt",
-                 lambda tmp: tmp.write_text("".join(f"{i}\n" for i in all_ids)))
+    ids_text = "".join(f"{i}\n" for i in all_ids).encode()
+    atomic_write(out_dir / "ids.txt", lambda handle: handle.write(ids_text))
     report = {"format_version": FORMAT_VERSION, "source": source.describe(), "model": model,
               "num_items": count, "feature_dim": dim, "failed": failed, "ignored": source.ignored}
     _write_json(out_dir / "index.json", report)

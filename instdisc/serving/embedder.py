@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -26,7 +25,9 @@ from typing import Any, Union
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from instdisc.data.sources import DECODE_ERRORS, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +116,16 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def load_rgb(source: ImageLike) -> Image.Image:
     """Decode a file path, encoded bytes or PIL image into an RGB PIL image.
 
-    Raises ValueError naming the file when it is missing or not a readable image.
+    Decoding is `instdisc.data.sources.decode_rgb`, the one prepare uses, so served images are
+    converted exactly like training images. Raises ValueError naming the file when it is missing
+    or not a readable image.
     """
     if isinstance(source, Image.Image):
         return source if source.mode == "RGB" else source.convert("RGB")
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with Image.open(handle) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        return decode_rgb(source if isinstance(source, bytes) else Path(source))[0]
+    except DECODE_ERRORS as err:
         raise ValueError(f"cannot read image {name!r}: {err}") from err
 
 

@@ -1,20 +1,20 @@
-"""DVC stage `evaluate`: weighted kNN (Wu et al. 2018, arXiv:1805.01978, Sec. 3.4).
+"""Weighted kNN of a trained encoder beside a random-init one (arXiv:1805.01978, Sec. 3.4).
 
 Features of the train and test splits are recomputed by the final encoder in eval mode (not read
 from the memory bank), and the same numbers are computed for a randomly initialised encoder of the
-same architecture, so every report shows what pretraining bought.
+same architecture, so every report shows what pretraining bought. The DVC stage is
+`instdisc/stages/evaluate.py`.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from instdisc import checkpoint, runtime
+from instdisc import runtime
 from instdisc.data import loaders
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import compute_features, knn_accuracy
@@ -41,15 +41,13 @@ def knn_of(encoder: nn.Module, prepared: PreparedDataset, device: torch.device, 
                         sigma=sigma, chunk_size=chunk_size)
 
 
-def evaluate_encoder(encoder_path: Path, prepared_dir: Path, device: torch.device, *, k: int,
-                     sigma: float, batch_size: int, chunk_size: int, seed: int) -> dict[str, Any]:
-    """Metrics dict: {"knn": {top1, top5}, "random_init": {"knn": {...}}, "k", "sigma"}."""
-    prepared = PreparedDataset.open(prepared_dir)
-    encoder, meta = checkpoint.load_encoder(encoder_path, device)
-    if meta.get("fingerprint") and meta["fingerprint"] != prepared.fingerprint:
-        raise ValueError(f"encoder {str(encoder_path)!r} was trained on dataset "
-                         f"{meta['fingerprint'][:12]}, but {str(prepared_dir)!r} is "
-                         f"{prepared.fingerprint[:12]}: re-run pretraining")
+def evaluate_encoder(encoder: nn.Module, meta: dict[str, Any], prepared: PreparedDataset,
+                     device: torch.device, *, k: int, sigma: float, batch_size: int,
+                     chunk_size: int, seed: int) -> dict[str, Any]:
+    """Metrics dict: {"knn": {top1, top5}, "random_init": {"knn": {...}}, "k", "sigma"}.
+
+    `encoder, meta` as `checkpoint.load_encoder` returns them.
+    """
     pre = meta["preprocess"]
     opts = dict(k=k, sigma=sigma, batch_size=batch_size, chunk_size=chunk_size,
                 image_size=pre["image_size"][0], resize=pre.get("resize"))

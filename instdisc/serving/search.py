@@ -1,6 +1,6 @@
 """Exact cosine k-nearest-neighbour search over an embedding index, and a PNG grid of the results.
 
-`load_index` opens a folder written by `instdisc.embed_index.build_index`.
+`load_index` opens a folder written by `instdisc.serving.index.build_index`.
 
 The index is scanned in chunks of `chunk_size` rows, keeping only a running top-k per query, so
 memory stays at O(chunk_size * Q) whatever the index size: a memory-mapped 1M x 128 float32 index
@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from instdisc.embed_index import Source, atomic_write, file_sha256
-from instdisc.embedder import Embedder, ImageLike, load_rgb
+from instdisc.io import atomic_write, file_sha256
+from instdisc.serving.embedder import Embedder, ImageLike, load_rgb
+from instdisc.serving.index import Source
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,15 @@ def search(index: np.ndarray, queries: np.ndarray, k: int = 10,
     return best_s, best_r
 
 
+def nearest(index: Index, embedder: Embedder, image: ImageLike, k: int = 10,
+            chunk_size: int = 65536) -> list[tuple[str, float]]:
+    """[(id, cosine score)] of the `k` index rows closest to `image`, best first."""
+    index.check_model(embedder)
+    query = embedder.embed([image])                                            # (1, D)
+    scores, rows = search(index.embeddings, query, k=k, chunk_size=chunk_size)  # (1, k) each
+    return [(index.ids[r], float(s)) for r, s in zip(rows[0].tolist(), scores[0].tolist())]
+
+
 def _thumbnail(item: ImageLike | None, size: int) -> Image.Image:
     tile = Image.new("RGB", (size, size), (64, 64, 64))
     if item is None:
@@ -137,4 +147,4 @@ def save_grid(query: ImageLike, hits: Sequence[tuple[str, float]], index: Index,
         draw.text((x, tile + pad + 2), title, fill="black", font=font)
         short = name if len(name) <= 20 else "..." + name[-17:]
         draw.text((x, tile + pad + 14), short, fill="gray", font=font)
-    atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+    atomic_write(Path(path), lambda handle: canvas.save(handle, format="PNG"))

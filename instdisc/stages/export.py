@@ -1,0 +1,96 @@
+"""DVC stage `export`: models/encoder.pt -> models/encoder.onnx (+ fp16), parity gate, registry.
+
+params.yaml: `device`, `export`. The fp32 gate always runs on the CPU (the reference platform);
+the fp16 one on `device` (auto/cuda* -> CUDA if usable, else CPU). A failed gate fails the stage
+and the ONNX file keeps its previous content. Then the model is registered in MLflow as
+`export.model_name` with the alias `export.alias`; the registry, not the file, records the
+training and export run ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from instdisc import tracking
+from instdisc.errors import StageError
+from instdisc.io import file_sha256
+from instdisc.stages import _common
+
+NAME = "export"
+HELP = "Export the encoder to ONNX, check parity with PyTorch, register it in MLflow."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _common.add_arguments(parser, NAME)
+    parser.add_argument("--data", type=Path, default=_common.PREPARED,
+                        help="prepared dataset whose test images drive the parity check "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=_common.ONNX_MODEL,
+                        help="ONNX file; the fp16 variant goes next to it as *.fp16.onnx "
+                             "(default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from instdisc import checkpoint
+    from instdisc.export import FP16_MIN_COSINE, Variant, export_gated, model_info, parity_images
+
+    params, common = _common.load(args.params, NAME)
+    start, out = time.perf_counter(), Path(args.out)
+    encoder, meta = checkpoint.load_encoder(args.encoder)  # any dataset's test images will do
+    info = model_info(encoder, meta, params.opset,
+                      dataset_fingerprint=str(meta.get("fingerprint") or ""))
+    images = parity_images(args.data, params.parity_batch, info.image_size, info.resize)
+    variants = [Variant("fp32", out, False, params.parity_atol, params.parity_min_cosine, "cpu")]
+    if params.fp16:  # checked on the GPU when there is one: that is where fp16 is served
+        variants.append(Variant("fp16", out.with_suffix(".fp16.onnx"), True, params.fp16_atol,
+                                FP16_MIN_COSINE, "cpu" if common.device == "cpu" else "auto"))
+    metrics: dict[str, Any] = {"opset": params.opset, "feature_dim": info.feature_dim,
+                               "image_size": list(info.image_size)}
+    with tracking.run(NAME, {"export": params, "device": common.device}) as run_id:
+        try:
+            exported = export_gated(encoder, info, images, variants, params.dynamic_spatial,
+                                    metrics)
+        except StageError:
+            tracking.log_metrics(_common.flatten(metrics))
+            raise
+        metrics["dynamic_spatial"] = exported["fp32"].dynamic_spatial
+        metrics["export_seconds"] = round(time.perf_counter() - start, 2)
+        if params.fp16:
+            tracking.log_artifact(variants[1].path, artifact_path="fp16")
+        if params.register:
+            metrics["registry"] = register(params, out, exported["fp32"], metrics, run_id,
+                                           train_run_id=tracking.find_run(
+                                               _common.ENCODER_TAG, file_sha256(args.encoder)))
+        _common.finish(NAME, metrics, args.metrics)
+    parity = metrics["parity"]
+    _common.log.info("exported %s: parity max |diff| %.2e, min cosine %.7f%s", out,
+                     parity["max_abs_diff"], parity["min_cosine"],
+                     f", registered as version {metrics['registry']['version']}"
+                     if metrics.get("registry") else "")
+    return metrics
+
+
+def register(params: Any, path: Path, info: Any, metrics: dict[str, Any], run_id: str | None,
+             train_run_id: str | None) -> dict[str, Any]:
+    """Log the ONNX file as this run's model, register it, point the alias at the version."""
+    info = dataclasses.replace(info, export_run_id=run_id or "", train_run_id=train_run_id or "")
+    version = tracking.log_onnx_model(
+        path, params.model_name, params.alias, metadata={"instdisc": info.as_dict()},
+        version_tags={"opset": params.opset, "image_size": list(info.image_size),
+                      "parity.max_abs_diff": metrics["parity"]["max_abs_diff"],
+                      "train_run_id": train_run_id or "", "export_run_id": run_id or ""})
+    return {"model_name": params.model_name, "alias": params.alias, "version": version,
+            "run_id": run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _common.main(NAME, HELP, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""DVC stage `semi_supervised`: fine-tune on 1% / 10% of the labels, pretrained vs. scratch.
+
+params.yaml: `seed`, `device`, `semi_supervised`. Protocol: Wu et al. 2018 (arXiv:1805.01978),
+Sec. 4.3; docs/transfer.md. Writes metrics/semi_supervised.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from instdisc import tracking
+from instdisc.stages import _common
+
+NAME = "semi_supervised"
+HELP = "Fine-tune with 1%% / 10%% of the labels, pretrained vs. scratch (paper Fig. 6)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _common.add_arguments(parser, NAME, data=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from instdisc import checkpoint, runtime
+    from instdisc.data.prepared import PreparedDataset
+    from instdisc.transfer.semi_supervised import run_semi_supervised
+
+    params, common = _common.load(args.params, NAME)
+    device = runtime.resolve_device(common.device)
+    started = time.perf_counter()
+    with tracking.run(NAME, {"seed": common.seed, "device": str(device), NAME: params}):
+        prepared = PreparedDataset.open(args.data)
+        _common.check_fingerprint(checkpoint.load(args.encoder).get("fingerprint"), prepared,
+                                  args.encoder)
+        metrics = run_semi_supervised(params, args.encoder, prepared, device, common.seed)
+        _common.finish(NAME, metrics, args.metrics, started)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _common.main(NAME, HELP, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
