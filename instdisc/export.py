@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -176,11 +176,17 @@ def strip_provenance(proto: onnx.ModelProto) -> None:
 
 
 @torch.no_grad()
-def reference_embeddings(encoder: nn.Module, images: np.ndarray) -> np.ndarray:
-    """PyTorch eager embeddings of uint8 (N, H, W, 3) images through training's eval transform."""
-    from instdisc.data.augment import eval_transform
+def reference_embeddings(encoder: nn.Module, images: np.ndarray,
+                         mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None) -> np.ndarray:
+    """PyTorch eager embeddings of uint8 (N, H, W, 3) images through training's eval transform,
+    normalised with `mean`/`std` (the encoder's training statistics; default ImageNet's)."""
+    from instdisc.data.augment import MEAN, STD, eval_transform
 
-    x = eval_transform(torch.from_numpy(np.ascontiguousarray(images)))        # (N, 3, H, W)
+    stats = (tuple(MEAN if mean is None else mean), tuple(STD if std is None else std))
+    # only a dataset's own statistics are passed (eval_transform's defaults are ImageNet's)
+    kwargs = {} if stats == (tuple(MEAN), tuple(STD)) else {"mean": stats[0], "std": stats[1]}
+    x = eval_transform(torch.from_numpy(np.ascontiguousarray(images)), **kwargs)  # (N, 3, H, W)
     return encoder.eval()(x).float().numpy()                                   # (N, D)
 
 
@@ -193,7 +199,8 @@ def check_parity(path: Path, encoder: nn.Module, images: np.ndarray, *, atol: fl
     """
     onnx.checker.check_model(str(path), full_check=True)
     embedder = Embedder(path, device=device, batch_size=len(images))
-    expected = reference_embeddings(encoder, images)                           # (N, D)
+    expected = reference_embeddings(encoder, images, embedder.info.mean,
+                                    embedder.info.std)                         # (N, D)
     got = embedder.run(images)                                                 # (N, D)
     single = embedder.run(images[:1])                                          # (1, D)
     diff = max(float(np.abs(got - expected).max()), float(np.abs(single - expected[:1]).max()))

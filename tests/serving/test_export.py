@@ -161,7 +161,7 @@ def test_export_stage_fails_and_writes_nothing_when_parity_fails(stage_dir, tiny
         return tiny.info
 
     monkeypatch.setattr(export, "to_onnx", cached_to_onnx)
-    monkeypatch.setattr(export, "reference_embeddings", lambda e, x: real_reference(e, x) + 1e-3)
+    monkeypatch.setattr(export, "reference_embeddings", lambda e, x, *a: real_reference(e, x, *a) + 1e-3)
     with caplog.at_level(logging.ERROR):
         assert cli.main(["export"]) == 2
     assert "fp32 ONNX parity failed on 2 images: max |diff| 1.0" in caplog.text
