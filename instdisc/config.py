@@ -80,14 +80,16 @@ class PretrainParams:
     arch: str = "resnet18"
     cifar_stem: bool = True  # 3x3 stem, no max-pool (small images)
     width: float = 1.0  # channel multiplier of the ResNet trunk; 1.0 is torchvision's network
+    init: Literal["torchvision", "pytorch"] = "torchvision"  # layer initialisation of the trunk
     feature_dim: int = 128
     loss: Literal["nce", "softmax", "parametric"] = "nce"
     num_negatives: int = 4096  # m in the paper
     temperature: float = 0.07  # tau
     bank_momentum: float = 0.5
     proximal_lambda: float = 0.0  # lambda of the proximal term; 0 turns it off
-    z_batches: int = 1  # NCE: Z is the mean over this many first batches, then held fixed
-    z_momentum: float = 0.0  # NCE: > 0 keeps Z as an EMA after the first batches
+    z_estimate: Literal["batch", "fixed"] = "batch"  # NCE: Z from every batch, or fixed (paper)
+    z_batches: int = 1  # NCE, z_estimate fixed: Z is the mean over this many first batches
+    z_momentum: float = 0.0  # NCE: > 0 smooths Z as an EMA of the batch estimates
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.03
@@ -95,8 +97,12 @@ class PretrainParams:
     weight_decay: float = 5e-4
     lr_milestones: tuple[int, ...] = (120, 160)
     lr_gamma: float = 0.1
+    normalization: Literal["dataset", "imagenet"] = "dataset"  # input mean/std: the training
+    # set's own (stored by `prepare`; lemniscate normalises CIFAR-10 by its own) or ImageNet's
     crop_scale_min: float = 0.2
-    color_jitter: float = 0.4
+    color_jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - s, 1 + s]
+    hue: float = 0.4  # hue shift in [-hue, hue] of the colour circle (paper: 0.4)
+    color_jitter_prob: float = 1.0  # chance that a sample is jittered at all (paper: 1.0)
     grayscale_prob: float = 0.2
     hflip: bool = True
     image_size: int = 224  # crop size for images read from files (in-memory sets keep their size)
@@ -126,10 +132,21 @@ class PretrainParams:
         _check(0.0 < self.lr_gamma <= 1.0, "lr_gamma", self.lr_gamma, "(0, 1]")
         _check(0.0 < self.crop_scale_min <= 1.0, "crop_scale_min", self.crop_scale_min, "(0, 1]")
         _check(0.0 <= self.color_jitter <= 1.0, "color_jitter", self.color_jitter, "[0, 1]")
+        _check(0.0 <= self.hue <= 0.5, "hue", self.hue, "[0, 0.5]")
+        _check(0.0 <= self.color_jitter_prob <= 1.0, "color_jitter_prob", self.color_jitter_prob,
+               "[0, 1]")
         _check(0.0 <= self.grayscale_prob <= 1.0, "grayscale_prob", self.grayscale_prob, "[0, 1]")
         _check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.monitor_queries >= 0, "monitor_queries", self.monitor_queries, ">= 0")
+
+    def ignored_by_loss(self) -> list[str]:
+        """The keys of this section that the chosen `loss` does not read (reported by the stage,
+        refused by sweeps): NCE's knobs under softmax/parametric, the bank's under parametric."""
+        nce_only = ["num_negatives", "z_estimate", "z_batches", "z_momentum"]
+        if self.loss == "nce":
+            return []
+        return nce_only + (["bank_momentum"] if self.loss == "parametric" else [])
 
     def check_dataset_size(self, num_items: int) -> None:
         """Checks that need the training-set size n (m < n: the positive is excluded)."""

@@ -44,8 +44,15 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch `epoch`: every random draw inside an epoch follows from it (DESIGN.md)."""
+    """The seed of epoch `epoch`: the shuffle, identical on every rank, follows from it."""
     return (seed * 1_000_003 + epoch) % 2**63
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of rank `rank` in epoch `epoch`, set after the shuffle: augmentation and NCE
+    noise then differ between ranks (the same draws on every rank would repeat the same crops
+    and negatives world_size times per step) and are reproduced on resume (DESIGN.md)."""
+    return (epoch_seed(seed, epoch) * 1_000_003 + 1 + rank) % 2**63
 
 
 @dataclasses.dataclass(frozen=True)

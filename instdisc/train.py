@@ -24,7 +24,6 @@ from torch.optim import Optimizer
 from instdisc import checkpoint, runtime
 from instdisc.errors import StageError
 from instdisc.config import PretrainParams
-from instdisc.data.augment import MEAN, STD
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import compute_features, knn_accuracy
 from instdisc.losses import build_loss
@@ -81,12 +80,13 @@ def train_one_epoch(encoder: nn.Module, loss_fn: nn.Module, bank: MemoryBank,
     return {"loss": mean, "images": float(seen)}
 
 
-def knn_monitor(encoder: nn.Module, bank: MemoryBank, data: TrainData, temperature: float,
-                num_queries: int) -> float:
-    """Cheap per-epoch kNN top-1 (%): bank rows as the labelled set, a slice of the test split."""
-    if num_queries <= 0 or data.test is None:
+def knn_monitor(encoder: nn.Module, bank: MemoryBank, data: TrainData,
+                temperature: float) -> float:
+    """Cheap per-epoch kNN top-1 (%): bank rows as the labelled set, against the test images of
+    `data.monitor` (a fixed class-stratified subset; nan without one)."""
+    if data.monitor is None:
         return float("nan")
-    features, labels = data.test_features(encoder, num_queries)
+    features, labels = data.monitor_features(encoder)
     acc = knn_accuracy(bank.features, data.train_labels, features, labels,
                        num_classes=data.num_classes, k=min(200, bank.num_items),
                        sigma=temperature)
@@ -158,16 +158,18 @@ def _load_loss_state(loss_fn: nn.Module, bank: MemoryBank, state: dict[str, Tens
 
 
 def build_trainer(params: PretrainParams, prepared: PreparedDataset, device: torch.device,
-                  dist: runtime.DistInfo) -> Trainer:
+                  dist: runtime.DistInfo, seed: int = 0) -> Trainer:
     """Encoder, bank, loss and SGD on `device` for the prepared dataset (validated first)."""
-    data = TrainData(prepared, params, device, dist)
+    data = TrainData(prepared, params, device, dist, seed)
     n = data.num_items
     params.check_dataset_size(n)
-    encoder = build_encoder(params.arch, params.feature_dim, params.cifar_stem, params.width)
+    encoder = build_encoder(params.arch, params.feature_dim, params.cifar_stem, params.width,
+                            params.init)
     bank = MemoryBank(n, params.feature_dim, params.bank_momentum)
     loss_fn = build_loss(params.loss, bank=bank, num_items=n, feature_dim=params.feature_dim,
                          num_negatives=params.num_negatives, temperature=params.temperature,
                          z_batches=params.z_batches, z_momentum=params.z_momentum,
+                         z_estimate=params.z_estimate,
                          proximal_lambda=params.proximal_lambda)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
     encoder = encoder.to(device, memory_format=memory_format)
@@ -214,8 +216,10 @@ def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir
     Only rank 0 writes the checkpoint; `on_epoch_end(row, epoch, history)` runs on rank 0.
     """
     prepared = PreparedDataset.open(prepared_dir)
+    if ignored := params.ignored_by_loss():
+        log.info("loss %r ignores pretrain.%s", params.loss, ", pretrain.".join(ignored))
     runtime.seed_everything(seed)
-    trainer = build_trainer(params, prepared, device, dist)
+    trainer = build_trainer(params, prepared, device, dist, seed)
     state = resume_state(checkpoint_path, params, prepared.fingerprint)
     if state is not None:
         trainer.restore(state)
@@ -239,16 +243,15 @@ def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir
 def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[str, float]:
     """Reseed, set the learning rate, train one epoch, monitor; returns the history row."""
     params = trainer.params
-    torch.manual_seed(runtime.epoch_seed(seed, epoch))    # shuffle, augmentation, NCE noise
     lr = lr_at(epoch, params.lr, params.lr_milestones, params.lr_gamma)
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     start = time.perf_counter()
+    batches = trainer.data.epoch_batches(seed, epoch)     # reseeds: shuffle, then per rank
     stats = train_one_epoch(trainer.encoder, trainer.loss_fn, trainer.bank, trainer.optimizer,
-                            trainer.data.epoch_batches(), autocast)
+                            batches, autocast)
     seconds = time.perf_counter() - start
-    knn_top1 = knn_monitor(trainer.encoder, trainer.bank, trainer.data, params.temperature,
-                           params.monitor_queries)
+    knn_top1 = knn_monitor(trainer.encoder, trainer.bank, trainer.data, params.temperature)
     z = next((m.z for m in _unwrap(trainer.loss_fn).modules() if hasattr(m, "z")), float("nan"))
     row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": lr, "z": float(z),
            "knn_top1": knn_top1, "images_per_second": stats["images"] * trainer.dist.world_size
@@ -267,5 +270,6 @@ def _autocast(params: PretrainParams, device: torch.device) -> Any:
 
 def preprocess_meta(data: TrainData) -> dict[str, Any]:
     """How deployed models must preprocess images (stored in the encoder file)."""
-    return {"mean": list(MEAN), "std": list(STD), "image_size": list(data.eval_image_size),
+    return {"mean": list(data.mean), "std": list(data.std),
+            "image_size": list(data.eval_image_size),
             "resize": data.eval_resize}

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from instdisc import runtime
 from instdisc.config import PretrainParams
 from instdisc.data import loaders
-from instdisc.data.augment import BatchAugment
+from instdisc.data.augment import MEAN, STD, BatchAugment
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import compute_features
 
@@ -25,13 +25,17 @@ class TrainData:
     """
 
     def __init__(self, prepared: PreparedDataset, params: PretrainParams, device: torch.device,
-                 dist: runtime.DistInfo) -> None:
+                 dist: runtime.DistInfo, seed: int = 0) -> None:
         self.prepared = prepared
         self.params = params
         self.device = device
         self.dist = dist
         self.train = prepared.split("train")
         self.test = prepared.split("test") if "test" in prepared.meta["splits"] else None
+        # The kNN monitor scores a fixed, class-stratified subset: prepared splits are sorted by
+        # class, so the first images of the test split would all be of one class.
+        self.monitor = None if self.test is None or params.monitor_queries == 0 else \
+            self.test.subset(stratified_subset(self.test.labels, params.monitor_queries, seed))
         self.num_items = self.train.num_items
         self.num_classes = len(prepared.classes)
         self.train_labels = self.train.labels.to(device)                     # (n,)
@@ -39,27 +43,64 @@ class TrainData:
         size = tuple(self.train.image_size) if in_memory else (params.image_size,) * 2
         self.eval_image_size: tuple[int, int] = size
         self.eval_resize: int | None = None if in_memory else int(params.image_size / 0.875)
+        self.mean, self.std = MEAN, STD
+        if params.normalization == "dataset":
+            if prepared.normalization is None:
+                log.warning("%s has no channel statistics (prepared by an older version): "
+                            "normalising with ImageNet's; re-run `instdisc prepare`",
+                            prepared.root)
+            else:
+                self.mean, self.std = prepared.normalization
         self.augment = BatchAugment(
             out_size=size, crop_scale=(params.crop_scale_min, 1.0),
             color_jitter=params.color_jitter, grayscale_prob=params.grayscale_prob,
-            hflip=params.hflip)
+            hflip=params.hflip, hue=params.hue, jitter_prob=params.color_jitter_prob,
+            mean=self.mean, std=self.std)
         self.file_transform = None if in_memory else loaders.train_file_transform(
             params.image_size, params.crop_scale_min, params.color_jitter,
-            params.grayscale_prob, params.hflip)
+            params.grayscale_prob, params.hflip, hue=params.hue,
+            jitter_prob=params.color_jitter_prob, mean=self.mean, std=self.std)
 
-    def epoch_batches(self) -> loaders.Batches:
-        """One epoch of (images, indices) on the device, reshuffled from torch's global RNG."""
+    def epoch_batches(self, seed: int, epoch: int) -> loaders.Batches:
+        """One epoch of (images, indices) on the device.
+
+        The shuffle is seeded by (seed, epoch), the same on every rank, so the shards partition
+        the training set; then torch's global RNG is reseeded by (seed, epoch, rank) for this
+        rank's augmentation and NCE noise.
+        """
+        torch.manual_seed(runtime.epoch_seed(seed, epoch))
         return loaders.train_batches(
             self.train, self.params.batch_size, self.augment, self.device,
             file_transform=self.file_transform, num_workers=self.params.num_workers,
-            rank=self.dist.rank, world_size=self.dist.world_size)
+            rank=self.dist.rank, world_size=self.dist.world_size,
+            after_shard_seed=runtime.rank_seed(seed, epoch, self.dist.rank))
 
-    def test_features(self, encoder: nn.Module, num_queries: int) -> tuple[Tensor, Tensor]:
-        """Encoder features and labels of the first `num_queries` test images."""
-        assert self.test is not None, "no test split"
-        count = min(num_queries, self.test.num_items)
-        batches = loaders.eval_batches(self.test, 256, self.device,
+    def monitor_features(self, encoder: nn.Module) -> tuple[Tensor, Tensor]:
+        """Encoder features and labels of the monitor's fixed, class-stratified test subset."""
+        assert self.monitor is not None, "no test split"
+        batches = loaders.eval_batches(self.monitor, 256, self.device,
                                        image_size=self.eval_image_size[0], resize=self.eval_resize,
-                                       num_workers=min(2, self.params.num_workers), limit=count)
-        features = compute_features(encoder, batches, count, self.device, progress=False)
-        return features, self.test.labels[:count].to(self.device)
+                                       num_workers=min(2, self.params.num_workers),
+                                       mean=self.mean, std=self.std)
+        features = compute_features(encoder, batches, self.monitor.num_items, self.device,
+                                    progress=False)
+        return features, self.monitor.labels.to(self.device)
+
+
+def stratified_subset(labels: Tensor, count: int, seed: int) -> Tensor:
+    """`count` indices into `labels`, as equal per class as possible, drawn with `seed`.
+
+    Every class's indices are shuffled by a generator seeded with `seed`, then taken round-robin
+    over the classes (class order by label), so any prefix is balanced. int64 (min(count, N),).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_class = []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()                 # (N_c,)
+        per_class.append(members[torch.randperm(len(members), generator=generator)])
+    depth = max(len(m) for m in per_class)
+    rows = torch.full((depth, len(per_class)), -1, dtype=torch.long)       # (depth, C)
+    for c, members in enumerate(per_class):
+        rows[:len(members), c] = members
+    order = rows.flatten()                                                 # round-robin
+    return order[order >= 0][:count]                                       # (count,)

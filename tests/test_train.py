@@ -11,7 +11,11 @@ import torch
 from instdisc import checkpoint, runtime
 from instdisc.config import PrepareParams, PretrainParams, SyntheticParams
 from instdisc.data.prepare import prepare
-from instdisc.train import NonFiniteLossError, fit, lr_at
+from instdisc.data import loaders
+from instdisc.data.prepared import PreparedDataset
+from instdisc.evaluate.knn import compute_features, knn_accuracy
+from instdisc.train import NonFiniteLossError, build_trainer, fit, lr_at
+from instdisc.train_data import TrainData, stratified_subset
 
 TINY = PretrainParams(width=0.125, feature_dim=16, num_negatives=8, epochs=3, batch_size=16,
                       lr_milestones=(2,), monitor_queries=12, num_workers=0, channels_last=False)
@@ -35,16 +39,28 @@ def test_lr_schedule_is_the_papers_step_decay():
 @pytest.mark.parametrize("loss", ["nce", "softmax", "parametric"])
 def test_every_loss_trains_through_the_same_loop(prepared_dir, tmp_path, loss):
     params = dataclasses.replace(TINY, loss=loss, epochs=1, proximal_lambda=0.0)
+    runtime.seed_everything(0)
+    initial = build_trainer(params, PreparedDataset.open(prepared_dir), CPU, runtime.DistInfo())
     trainer = fit(params, seed=0, device=CPU, prepared_dir=prepared_dir,
                   checkpoint_path=tmp_path / "last.pt")
     row = trainer.history[0]
     assert math.isfinite(row["loss"]) and row["loss"] > 0
-    assert 0.0 <= row["knn_top1"] <= 100.0
+    # every row was visited (48 images, 3 full batches) and refreshed, and stays unit norm
+    moved = (trainer.bank.features - initial.bank.features).norm(dim=1)
+    assert (moved > 1e-3).all()
     norms = trainer.bank.features.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # the monitor is kNN of the stratified test subset against the bank, recomputed here
+    features, labels = trainer.data.monitor_features(trainer.encoder)
+    expected = knn_accuracy(trainer.bank.features, trainer.data.train_labels, features, labels,
+                            num_classes=3, k=48, sigma=params.temperature)["top1"]
+    assert row["knn_top1"] == pytest.approx(expected)
+    assert torch.bincount(labels).tolist() == [4, 4, 4]
     assert (tmp_path / "last.pt").is_file()
     if loss == "nce":
         assert math.isfinite(row["z"]) and row["z"] > 0
+    else:
+        assert math.isnan(row["z"])
 
 
 def test_nce_with_proximal_term_trains(prepared_dir, tmp_path):
@@ -54,14 +70,65 @@ def test_nce_with_proximal_term_trains(prepared_dir, tmp_path):
     assert math.isfinite(trainer.history[0]["loss"])
 
 
+def mean_row_cosine(trainer):
+    """Mean cos(v_i, f(x_i)) of bank row i and the encoder's feature of training image i."""
+    batches = loaders.eval_batches(trainer.data.train, 64, CPU, mean=trainer.data.mean,
+                                   std=trainer.data.std)
+    features = compute_features(trainer.encoder, batches, trainer.data.num_items, CPU,
+                                progress=False)
+    return (features * trainer.bank.features).sum(dim=1).mean().item()
+
+
 def test_bank_rows_move_towards_the_features(prepared_dir, tmp_path):
-    params = dataclasses.replace(TINY, epochs=1)
+    params = dataclasses.replace(TINY, epochs=2, loss="softmax")
     runtime.seed_everything(0)
+    initial = build_trainer(params, PreparedDataset.open(prepared_dir), CPU, runtime.DistInfo())
     trainer = fit(params, seed=0, device=CPU, prepared_dir=prepared_dir,
                   checkpoint_path=tmp_path / "last.pt")
+    assert abs(mean_row_cosine(initial)) < 0.2          # random rows vs random features
+    assert mean_row_cosine(trainer) > 0.5               # each row now tracks its own image
     state = checkpoint.load(tmp_path / "last.pt")
     assert torch.equal(state["bank"]["features"], trainer.bank.features)
-    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+
+
+def test_monitor_subset_is_stratified_and_seeded():
+    labels = torch.arange(4).repeat_interleave(torch.tensor([50, 30, 10, 10]))  # sorted by class
+    picked = stratified_subset(labels, 20, seed=3)
+    assert torch.bincount(labels[picked], minlength=4).tolist() == [5, 5, 5, 5]
+    assert len(set(picked.tolist())) == 20
+    assert torch.equal(picked, stratified_subset(labels, 20, seed=3))
+    assert not torch.equal(picked, stratified_subset(labels, 20, seed=4))
+    assert torch.bincount(labels[stratified_subset(labels, 70, seed=0)]).tolist() == \
+        [25, 25, 10, 10]                                # small classes run out, others fill
+
+
+def test_ranks_share_the_shuffle_but_not_the_random_draws(prepared_dir):
+    """Under DDP the shards partition the epoch, while augmentation and NCE noise differ per rank;
+    the same (seed, epoch, rank) reproduces the same draws."""
+    prepared = PreparedDataset.open(prepared_dir)
+
+    def epoch(rank, seed=0):
+        data = TrainData(prepared, dataclasses.replace(TINY, batch_size=8), CPU,
+                         runtime.DistInfo(rank=rank, world_size=2))
+        batches = list(data.epoch_batches(seed=seed, epoch=1))
+        return torch.cat([i for _, i in batches]), batches[0][0], torch.rand(8)  # noise draw
+
+    idx0, images0, noise0 = epoch(0)
+    idx1, images1, noise1 = epoch(1)
+    assert set(idx0.tolist()).isdisjoint(idx1.tolist())
+    assert len(idx0) + len(idx1) == 48
+    assert not torch.equal(noise0, noise1)
+    again, images_again, noise_again = epoch(0)
+    assert torch.equal(again, idx0) and torch.equal(images_again, images0)
+    assert torch.equal(noise_again, noise0)
+    # the same images on both ranks get different augmentations
+    data = TrainData(prepared, TINY, CPU, runtime.DistInfo())
+    views = []
+    for rank in (0, 1):
+        torch.manual_seed(runtime.rank_seed(0, 1, rank))
+        views.append(data.augment(data.train.images[:8]))
+    assert not torch.allclose(views[0], views[1])
 
 
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(prepared_dir, tmp_path):

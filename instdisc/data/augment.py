@@ -11,29 +11,33 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as in torchvision's references
+# ImageNet statistics, as in torchvision's references: the default where a dataset's own (stored by
+# `prepare`, see PreparedDataset.normalization) is not given.
+MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 LUMA = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _CROP_TRIES = 10  # as torchvision's RandomResizedCrop.get_params
 
 
-def normalize(x: Tensor) -> Tensor:
-    """(x - MEAN) / STD per channel; x float (B, 3, H, W) with values in [0, 1]."""
-    mean, std = _mean_std(x.device, x.dtype)                               # (1, 3, 1, 1) each
-    return (x - mean) / std
+def normalize(x: Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
+    """(x - mean) / std per channel; x float (B, 3, H, W) with values in [0, 1]."""
+    mean_t, std_t = _mean_std(x.device, x.dtype, tuple(mean), tuple(std))  # (1, 3, 1, 1) each
+    return (x - mean_t) / std_t
 
 
 @functools.lru_cache(maxsize=16)
-def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """MEAN and STD as (1, 3, 1, 1) tensors, made once per device (no host copy per batch)."""
-    return (torch.tensor(MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
-            torch.tensor(STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+def _mean_std(device: torch.device, dtype: torch.dtype, mean: tuple[float, ...],
+              std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """mean and std as (1, 3, 1, 1) tensors, made once per device (no host copy per batch)."""
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1))
 
 
 def channels_first(images: Tensor) -> Tensor:
@@ -45,13 +49,14 @@ def channels_first(images: Tensor) -> Tensor:
     return images
 
 
-def eval_transform(images: Tensor, size: int | None = None) -> Tensor:
+def eval_transform(images: Tensor, size: int | None = None, mean: Sequence[float] = MEAN,
+                   std: Sequence[float] = STD) -> Tensor:
     """uint8 images -> normalised float (B, 3, S, S); resized (bilinear, antialiased) if `size`."""
     x = channels_first(images).float().div_(255)  # (B, 3, H, W) in [0, 1]
     if size is not None and tuple(x.shape[2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)  # (B, 3, S, S)
-    return normalize(x)
+    return normalize(x, mean, std)
 
 
 class BatchAugment(nn.Module):
@@ -70,7 +75,9 @@ class BatchAugment(nn.Module):
     def __init__(self, out_size: int | tuple[int, int],
                  crop_scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4,
-                 grayscale_prob: float = 0.2, hflip: bool = True) -> None:
+                 grayscale_prob: float = 0.2, hflip: bool = True, hue: float | None = None,
+                 jitter_prob: float = 1.0, mean: Sequence[float] = MEAN,
+                 std: Sequence[float] = STD) -> None:
         super().__init__()
         size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
         if len(size) != 2 or min(size) < 1:
@@ -83,23 +90,34 @@ class BatchAugment(nn.Module):
             raise ValueError(f"color_jitter must be in [0, 1], got {color_jitter}")
         if not 0.0 <= grayscale_prob <= 1.0:
             raise ValueError(f"grayscale_prob must be in [0, 1], got {grayscale_prob}")
+        hue = color_jitter if hue is None else hue
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {hue}")
+        if not 0.0 <= jitter_prob <= 1.0:
+            raise ValueError(f"jitter_prob must be in [0, 1], got {jitter_prob}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must be 3 values (std > 0), got {mean}, {std}")
         self.out_size: tuple[int, int] = (int(size[0]), int(size[1]))  # (height, width)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.color_jitter = float(color_jitter)
         self.grayscale_prob = float(grayscale_prob)
         self.hflip = hflip
+        self.hue = float(hue)
+        self.jitter_prob = float(jitter_prob)
         self.register_buffer("luma", torch.tensor(LUMA), persistent=False)            # (3,)
         k = 1 / math.sqrt(3)  # the unit gray axis is (k, k, k)
         self.register_buffer("gray_cross", torch.tensor(
             [[0, -k, k], [k, 0, -k], [-k, k, 0]]), persistent=False)  # [axis]_x, (3, 3)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(tuple(mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(tuple(std)).view(1, 3, 1, 1), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"out_size={self.out_size}, crop_scale={self.crop_scale}, ratio={self.ratio}, "
-                f"color_jitter={self.color_jitter}, grayscale_prob={self.grayscale_prob}, "
-                f"hflip={self.hflip}")
+                f"color_jitter={self.color_jitter}, hue={self.hue}, "
+                f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob}, "
+                f"hflip={self.hflip}, mean={tuple(self.mean.flatten().tolist())}, "
+                f"std={tuple(self.std.flatten().tolist())}")
 
     @torch.no_grad()
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -115,7 +133,7 @@ class BatchAugment(nn.Module):
         if self.luma.device != device:
             self.to(device)  # once: the constants follow the images (no host copies per batch)
         gen_device = generator.device if generator is not None else device
-        u = torch.rand(B, 2 * _CROP_TRIES + 8, generator=generator, device=gen_device)  # (B, 28)
+        u = torch.rand(B, 2 * _CROP_TRIES + 9, generator=generator, device=gen_device)  # (B, 29)
         u = u.to(device)
         grid = self._crop_grid(u[:, :2 * _CROP_TRIES + 3], x.shape[2], x.shape[3])  # (B, h, w, 2)
         x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
@@ -159,14 +177,19 @@ class BatchAugment(nn.Module):
                             gy[:, :, None].expand(-1, -1, out_w)], dim=-1)  # (B, h, w, 2)
 
     def _color(self, x: Tensor, u: Tensor) -> Tensor:
-        """Jitter, grayscale and normalise x (B, 3, h, w) with values 0..255; u: (B, 5) uniforms."""
+        """Jitter, grayscale and normalise x (B, 3, h, w) with values 0..255; u: (B, 6) uniforms.
+
+        Jitter is applied to a sample with probability `jitter_prob` (torchvision's
+        RandomApply([ColorJitter], p)); a sample that skips it keeps factors 1 and hue 0.
+        """
         B, s = x.shape[0], self.color_jitter
         luma, mean_rgb, std_rgb = self.luma, self.mean, self.std
-        brightness = 1 + s * (2 * u[:, 0] - 1)                             # (B,) in [1-s, 1+s]
-        contrast = 1 + s * (2 * u[:, 1] - 1)                               # (B,)
-        saturation = 1 + s * (2 * u[:, 2] - 1)                             # (B,)
-        hue = 2 * math.pi * s * (2 * u[:, 3] - 1)                          # (B,) radians
-        if s > 0:
+        apply = (u[:, 5] < self.jitter_prob).to(x.dtype)                   # (B,) 1 = jitter
+        brightness = 1 + apply * s * (2 * u[:, 0] - 1)                     # (B,) in [1-s, 1+s]
+        contrast = 1 + apply * s * (2 * u[:, 1] - 1)                       # (B,)
+        saturation = 1 + apply * s * (2 * u[:, 2] - 1)                     # (B,)
+        hue = apply * 2 * math.pi * self.hue * (2 * u[:, 3] - 1)           # (B,) radians
+        if s > 0 or self.hue > 0:
             x.mul_((brightness / 255).view(B, 1, 1, 1)).clamp_(0, 1)
             # Contrast blends towards the mean luma: the luma of the per-channel means.
             mean = (x.mean(dim=(2, 3)) @ luma).view(B, 1, 1, 1)            # (B, 1, 1, 1)

@@ -74,17 +74,21 @@ class TrainLoader:
 def train_batches(split: SplitData, batch_size: int, augment: BatchAugment,
                   device: torch.device | str, *, file_transform: Callable | None = None,
                   num_workers: int = 0, drop_last: bool = True, rank: int = 0,
-                  world_size: int = 1) -> Batches:
+                  world_size: int = 1, after_shard_seed: int | None = None) -> Batches:
     """One shuffled epoch of augmented batches: (float (B, 3, h, w), int64 (B,)), both on `device`.
 
-    The permutation is drawn when this is called. Array splits are augmented on `device` by
-    `augment`; manifest splits by `file_transform` in workers (default: `train_file_transform`
-    with `augment`'s settings).
+    The permutation is drawn from torch's global RNG when this is called (the same on every
+    rank); then, if `after_shard_seed` is given, the global RNG is reseeded with it, so the
+    augmentation draws (and whatever the caller draws next) are this rank's own. Array splits
+    are augmented on `device` by `augment`; manifest splits by `file_transform` in workers
+    (default: `train_file_transform` with `augment`'s settings).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     order = shard_order(split.num_items, rank, world_size, drop_last)      # (n_rank,)
+    if after_shard_seed is not None:
+        torch.manual_seed(after_shard_seed)
     count = num_batches(len(order), batch_size, drop_last)
     if split.storage == "array":
         return _array_batches(split.images_on(device), order.to(device), batch_size, count,
@@ -100,52 +104,64 @@ def train_batches(split: SplitData, batch_size: int, augment: BatchAugment,
 
 def eval_batches(split: SplitData, batch_size: int, device: torch.device | str, *,
                  image_size: int | None = None, resize: int | None = None, num_workers: int = 0,
-                 limit: int | None = None) -> Batches:
+                 limit: int | None = None, mean: Sequence[float] = MEAN,
+                 std: Sequence[float] = STD) -> Batches:
     """Items 0..n-1 (or 0..limit-1) in order, unaugmented: (float (B, 3, h, w), int64 (B,)).
 
     Array splits keep their size unless `image_size` is given (then resized to a square; `resize`
     is ignored). Manifest splits need `image_size`: `eval_file_transform(image_size, resize)`.
+    Pixels are normalised with `mean`/`std` (the encoder's, from its `preprocess` metadata).
     """
     device = torch.device(device)
+    mean, std = tuple(mean), tuple(std)
     n = split.num_items if limit is None else min(limit, split.num_items)
     if split.storage == "array":
         images = split.images_on(device)                                   # (N, 3, H, W) uint8
-        return ((eval_transform(images[i:min(i + batch_size, n)], image_size),
+        return ((eval_transform(images[i:min(i + batch_size, n)], image_size, mean, std),
                  torch.arange(i, min(i + batch_size, n), device=device))
                 for i in range(0, n, batch_size))
     if image_size is None:
         raise ValueError(f"split {split.name!r} is stored as files: eval_batches needs image_size")
     batches = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
-    return _file_batches(split, "eval", _eval_file_transform(image_size, resize), batches, device,
-                         num_workers)
+    return _file_batches(split, "eval", _eval_file_transform(image_size, resize, mean, std),
+                         batches, device, num_workers)
 
 
 def train_file_transform(image_size: int, crop_scale_min: float = 0.2, color_jitter: float = 0.4,
-                         grayscale_prob: float = 0.2, hflip: bool = True) -> v2.Compose:
-    """PIL RGB image -> normalised float (3, S, S): the paper's augmentation, per image."""
+                         grayscale_prob: float = 0.2, hflip: bool = True,
+                         hue: float | None = None, jitter_prob: float = 1.0,
+                         mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
+    """PIL RGB image -> normalised float (3, S, S): the paper's augmentation, per image.
+
+    `hue` defaults to `color_jitter` (capped at 0.5); jitter is applied with `jitter_prob`.
+    """
+    hue = min(color_jitter, 0.5) if hue is None else hue
+    jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter, hue)
     steps = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
-             v2.ColorJitter(color_jitter, color_jitter, color_jitter, min(color_jitter, 0.5)),
+             v2.RandomApply([jitter], p=jitter_prob) if jitter_prob < 1.0 else jitter,
              v2.RandomGrayscale(grayscale_prob)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_normalized_tensor())
+    return v2.Compose(steps + _to_normalized_tensor(mean, std))
 
 
-def eval_file_transform(image_size: int, resize: int | None = None) -> v2.Compose:
+def eval_file_transform(image_size: int, resize: int | None = None,
+                        mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
     """PIL RGB image -> normalised float (3, S, S): resize, then the centre S x S crop.
 
     The shorter side goes to `resize`, by default int(S / 0.875) (256 for S = 224).
     """
     resize = int(image_size / 0.875) if resize is None else resize
     return v2.Compose([v2.Resize(resize, antialias=True),
-                       v2.CenterCrop(image_size)] + _to_normalized_tensor())
+                       v2.CenterCrop(image_size)] + _to_normalized_tensor(mean, std))
 
 
 _eval_file_transform = functools.lru_cache(maxsize=8)(eval_file_transform)  # stable ids, see below
 
 
-def _to_normalized_tensor() -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+def _to_normalized_tensor(mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> list:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std))]
 
 
 class FileDataset(Dataset):
@@ -217,7 +233,8 @@ def _default_train_transform(augment: BatchAugment) -> v2.Compose:
     if augment not in _DEFAULT_TRANSFORMS:
         _DEFAULT_TRANSFORMS[augment] = train_file_transform(
             augment.out_size, augment.crop_scale[0], augment.color_jitter,
-            augment.grayscale_prob, augment.hflip)
+            augment.grayscale_prob, augment.hflip, augment.hue, augment.jitter_prob,
+            augment.mean.flatten().tolist(), augment.std.flatten().tolist())
     return _DEFAULT_TRANSFORMS[augment]
 
 

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from instdisc.data.sources import DECODE_ERRORS, decode_rgb
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -108,12 +110,55 @@ def write_prepared(root: Path, *, source: str, classes: Sequence[str],
                              "storage": "array" if split.images is not None else "manifest",
                              "image_size": size}
     meta = {"format_version": FORMAT_VERSION, "source": source, "classes": list(classes),
-            "fingerprint": fingerprint(root, classes, splits), "splits": meta_splits}
+            "fingerprint": fingerprint(root, classes, splits), "splits": meta_splits,
+            "normalization": channel_stats(root, splits["train"]) if "train" in splits else None}
     report = {**report, "classes": meta["classes"], "splits": meta_splits,
               "fingerprint": meta["fingerprint"]}
     (root / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     (root / META).write_text(json.dumps(meta, indent=1) + "\n")
     return meta, report
+
+
+STATS_MAX_FILES = 2000  # manifest splits: channel statistics from this many evenly spaced files
+
+
+def channel_stats(root: Path, split: SplitArrays) -> dict[str, Any]:
+    """Per-channel mean and std of a split's pixels in [0, 1] (the training set's own statistics,
+    used to normalise inputs, as lemniscate does with CIFAR-10's): {"mean", "std", "images"}.
+
+    Array splits use every pixel; manifest splits decode up to STATS_MAX_FILES evenly spaced files.
+    """
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    pixels = 0
+
+    def add(chunk: np.ndarray) -> None:  # uint8 (..., 3)
+        nonlocal pixels
+        values = chunk.reshape(-1, 3).astype(np.float64) / 255.0
+        total[:] += values.sum(axis=0)
+        squares[:] += np.square(values).sum(axis=0)
+        pixels += len(values)
+
+    if split.images is not None:
+        count = len(split.images)
+        for start in range(0, count, 1024):
+            add(np.asarray(split.images[start:start + 1024]))
+    else:
+        picks = np.unique(np.linspace(0, len(split.paths) - 1, STATS_MAX_FILES).round()
+                          .astype(int)) if split.paths else []
+        count = 0
+        for i in picks:
+            try:  # prepare decoded every manifest file already; a file that changed is no input
+                add(np.asarray(decode_rgb(Path(root) / split.paths[i])[0]))
+                count += 1
+            except DECODE_ERRORS:
+                continue
+    if pixels == 0:
+        return {"mean": None, "std": None, "images": 0}
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - np.square(mean), 1e-12))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+            "images": int(count)}
 
 
 def fingerprint(root: Path, classes: Sequence[str], splits: Mapping[str, SplitArrays]) -> str:
@@ -153,6 +198,15 @@ class SplitData:
     @property
     def num_items(self) -> int:
         return len(self.labels)
+
+    def subset(self, indices: Tensor) -> SplitData:
+        """Items `indices` (int64 (K,)) as a split of their own: item j is item indices[j] here."""
+        indices = indices.to(torch.long)
+        return SplitData(
+            name=f"{self.name}-subset", labels=self.labels[indices], storage=self.storage,
+            images=None if self.images is None else self.images[indices],
+            paths=None if self.paths is None else [self.paths[i] for i in indices.tolist()],
+            image_size=self.image_size)
 
     def images_on(self, device: torch.device | str) -> Tensor:
         """The images as uint8 (N, 3, H, W) on `device`, copied once and cached on this object."""
@@ -201,6 +255,14 @@ class PreparedDataset:
                 if not file.is_file():
                     raise FileNotFoundError(f"{str(file)!r} is missing from the prepared dataset")
         return cls(root, meta)
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) per channel of the training images, or None (older prepared folders)."""
+        stats = self.meta.get("normalization") or {}
+        if stats.get("mean") is None:
+            return None
+        return tuple(stats["mean"]), tuple(stats["std"])
 
     @property
     def report(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ same architecture, so every report shows what pretraining bought. The DVC stage 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,13 +26,13 @@ log = logging.getLogger(__name__)
 
 def knn_of(encoder: nn.Module, prepared: PreparedDataset, device: torch.device, *, k: int,
            sigma: float, batch_size: int, chunk_size: int, image_size: int,
-           resize: int | None) -> dict[str, float]:
+           resize: int | None, mean: Sequence[float], std: Sequence[float]) -> dict[str, float]:
     """Top-1/top-5 (%) of test images classified by their k nearest training images."""
     train, test = prepared.split("train"), prepared.split("test")
     feats = {}
     for split in (train, test):
         batches = loaders.eval_batches(split, batch_size, device, image_size=image_size,
-                                       resize=resize)
+                                       resize=resize, mean=mean, std=std)
         feats[split.name] = compute_features(encoder, batches, split.num_items, device)
     k_eff = min(k, train.num_items)
     if k_eff < k:
@@ -50,7 +51,8 @@ def evaluate_encoder(encoder: nn.Module, meta: dict[str, Any], prepared: Prepare
     """
     pre = meta["preprocess"]
     opts = dict(k=k, sigma=sigma, batch_size=batch_size, chunk_size=chunk_size,
-                image_size=pre["image_size"][0], resize=pre.get("resize"))
+                image_size=pre["image_size"][0], resize=pre.get("resize"), mean=pre["mean"],
+                std=pre["std"])
     trained = knn_of(encoder, prepared, device, **opts)
     runtime.seed_everything(seed)
     random_init = build_encoder(**meta["encoder_config"]).to(device).eval()

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from instdisc import checkpoint, runtime
 from instdisc.config import LinearParams
 from instdisc.data import loaders
+from instdisc.data.augment import MEAN, STD
 from instdisc.data.prepared import PreparedDataset, SplitData
 from instdisc.models.encoder import build_encoder
 
@@ -142,7 +143,8 @@ def linear_probe(encoder: nn.Module, train: SplitData, test: SplitData, num_clas
                  device: torch.device, *, image_size: int | None, resize: int | None = None,
                  layers: Sequence[str], target_dim: int, epochs: int, batch_size: int, lr: float,
                  optimizer: str = "adam", momentum: float = 0.9, weight_decay: float = 0.0,
-                 feature_batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
+                 feature_batch_size: int = 256, seed: int = 0, mean: Sequence[float] = MEAN,
+                 std: Sequence[float] = STD) -> dict[str, Any]:
     """Freeze `encoder`, cache pooled features, train one linear head per layer, test top-1.
 
     Returns {"top1": {layer: %}, "train_top1": {layer: %}, "dims": {layer: C*g*g},
@@ -154,7 +156,7 @@ def linear_probe(encoder: nn.Module, train: SplitData, test: SplitData, num_clas
     cached = []
     for split in (train, test):
         batches = loaders.eval_batches(split, feature_batch_size, device, image_size=image_size,
-                                       resize=resize)
+                                       resize=resize, mean=mean, std=std)
         cached.append(stage_features(encoder, batches, split.num_items, layers, target_dim))
     (train_feats, grids), (test_feats, _) = cached
     for name in layers:
@@ -186,7 +188,7 @@ def probe_encoder_file(params: LinearParams, encoder_path: Path, prepared: Prepa
                 target_dim=params.target_dim, epochs=params.epochs, batch_size=params.batch_size,
                 lr=params.lr, optimizer=params.optimizer, momentum=params.momentum,
                 weight_decay=params.weight_decay, feature_batch_size=params.feature_batch_size,
-                seed=seed)
+                seed=seed, mean=pre["mean"], std=pre["std"])
     num_classes = len(prepared.classes)
     result = linear_probe(encoder, train, test, num_classes, device, **opts)
     if params.random_init_baseline:

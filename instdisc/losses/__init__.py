@@ -22,14 +22,16 @@ __all__ = ["FullSoftmaxLoss", "NCELoss", "ParametricSoftmaxLoss", "ProximalLoss"
 
 def build_loss(name: str, *, bank: MemoryBank | None, num_items: int, feature_dim: int,
                num_negatives: int, temperature: float, z_batches: int = 1,
-               z_momentum: float = 0.0, proximal_lambda: float = 0.0) -> nn.Module:
+               z_momentum: float = 0.0, z_estimate: str = "batch",
+               proximal_lambda: float = 0.0) -> nn.Module:
     """The objective `name` (params.yaml pretrain.loss), wrapped in ProximalLoss if lambda > 0.
 
     "nce" and "softmax" own `bank`; "parametric" has no bank and learns its own (n, D) weights, so
     it rejects proximal_lambda > 0 (the proximal term is defined against bank rows, Sec. 3.3).
     """
     constructors = {
-        "nce": lambda: NCELoss(bank, num_negatives, temperature, z_batches, z_momentum),
+        "nce": lambda: NCELoss(bank, num_negatives, temperature, z_batches, z_momentum,
+                                     z_estimate),
         "softmax": lambda: FullSoftmaxLoss(bank, temperature),
         "parametric": lambda: ParametricSoftmaxLoss(num_items, feature_dim, temperature),
     }

@@ -6,7 +6,8 @@ Wu et al. 2018, arXiv:1805.01978, Sec. 3.2. Notation (paper -> code):
   P(i|v) = exp(v_i . v / tau) / Z                                            (Eq. 4)
   h(i, v) = P(i|v) / (P(i|v) + m P_n(i))                                     (Eq. 5)
   J_NCE = -E_{P_d}[log h(i, v)] - m E_{P_n}[log(1 - h(i, v'))]               (Eq. 6)
-  Z ~= n E_j[exp(v_j . f / tau)], a Monte-Carlo estimate from the first batches (Eq. 7).
+  Z ~= n E_j[exp(v_j . f / tau)], a Monte-Carlo estimate over the noise rows (Eq. 7): every step
+  by default, or (the paper's recipe) once from the first batches and then fixed.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ def nce_loss(logits: Tensor, log_z: Tensor, num_items: int) -> Tensor:
     return -(log_h_pos + log_1m_h_neg).mean()
 
 
-def estimate_log_z(logits: Tensor, num_items: int) -> Tensor:
-    """Monte-Carlo log Z = log(n * mean(exp(logits))) over all entries of `logits` (Eq. 7)."""
-    return torch.logsumexp(logits.flatten(), dim=0) - math.log(logits.numel() / num_items)
+def estimate_log_z(noise_logits: Tensor, num_items: int) -> Tensor:
+    """Monte-Carlo log Z = log(n * mean_j exp(v_j . f / tau)) over every entry of `noise_logits`.
+
+    Eq. 7 of arXiv:1805.01978 with the expectation over uniformly drawn rows j: pass the noise
+    columns only (B, m); the positive column is not a uniform draw and would bias Z upwards.
+    """
+    return torch.logsumexp(noise_logits.flatten(), dim=0) - math.log(noise_logits.numel() / num_items)
 
 
 def sample_negatives(indices: Tensor, num_items: int, m: int) -> Tensor:
@@ -57,20 +62,31 @@ def bank_logits(features: Tensor, bank_rows: Tensor, temperature: float) -> Tens
     return dots.squeeze(2) / temperature  # (B, K)
 
 
+Z_ESTIMATES = ("batch", "fixed")
+
+
 class NCELoss(nn.Module):
     """J_NCE with noise rows from the memory bank (arXiv:1805.01978, Sec. 3.2, Eq. 4-7).
 
     forward(features (B, D) unit norm, indices (B,)) -> scalar. The bank rows are buffers, so the
-    gradient flows only into `features`. Z lives in the buffer `log_z` (nan until fixed): during
-    the first `z_batches` batches the estimate is log(n * mean exp(logits)) over all logits seen so
-    far (running logsumexp `z_lse` and count `z_count`, current batch included); then it is fixed
-    and logged once. With `z_momentum` mu > 0 it keeps moving afterwards:
-    Z <- mu * Z + (1 - mu) * Z_batch, computed in log space. Under DDP every batch statistic is
-    pooled over all ranks, so Z is identical everywhere. The buffers are in the state_dict.
+    gradient flows only into `features`. Z (detached, a constant to the gradient) lives in the
+    buffer `log_z`; it is always estimated from the noise columns only (Eq. 7):
+
+    - `z_estimate="batch"` (default): every step, log Z = log(n * mean exp(logits)) over this
+      batch's B*m noise logits, pooled over DDP ranks. With `z_momentum` mu > 0 the estimate is
+      smoothed, Z <- mu * Z + (1 - mu) * Z_batch (log space), starting from the first batch.
+      The features move fast early on (the exact Z falls ~20x during the first epochs of a
+      CIFAR-10 run), so an estimate that follows the current features is what lets NCE learn.
+    - `z_estimate="fixed"`: the paper's recipe: the mean over the first `z_batches` batches
+      (running logsumexp `z_lse` and count `z_count`), then fixed and logged once; with
+      `z_momentum` > 0 it keeps moving afterwards as the EMA above.
+
+    Under DDP every batch statistic is pooled over all ranks, so Z is identical everywhere. The
+    buffers are in the state_dict.
     """
 
     def __init__(self, bank: MemoryBank, num_negatives: int, temperature: float,
-                 z_batches: int = 1, z_momentum: float = 0.0) -> None:
+                 z_batches: int = 1, z_momentum: float = 0.0, z_estimate: str = "batch") -> None:
         super().__init__()
         if bank.num_items < 2:
             raise ValueError(f"NCE needs at least 2 bank rows, got {bank.num_items}")
@@ -82,12 +98,15 @@ class NCELoss(nn.Module):
             raise ValueError(f"z_batches must be >= 1, got {z_batches}")
         if not 0.0 <= z_momentum < 1.0:
             raise ValueError(f"z_momentum must be in [0, 1), got {z_momentum}")
+        if z_estimate not in Z_ESTIMATES:
+            raise ValueError(f"z_estimate must be one of {list(Z_ESTIMATES)}, got {z_estimate!r}")
         self.bank = bank
         self.num_negatives = num_negatives  # m
         self.temperature = temperature  # tau
         self.z_batches = z_batches
         self.z_momentum = z_momentum
-        self.register_buffer("log_z", torch.tensor(float("nan")))  # () fixed log Z, nan until set
+        self.z_estimate = z_estimate
+        self.register_buffer("log_z", torch.tensor(float("nan")))  # () log Z in use, nan until set
         self.register_buffer("z_lse", torch.tensor(float("-inf")))  # () logsumexp of seen logits
         self.register_buffer("z_count", torch.tensor(0, dtype=torch.long))  # () logits seen
         self.register_buffer("z_batches_seen", torch.tensor(0, dtype=torch.long))  # ()
@@ -100,18 +119,18 @@ class NCELoss(nn.Module):
 
     @property
     def z_fixed(self) -> bool:
-        """True once the first `z_batches` batches have been seen."""
-        return self._seen >= self.z_batches
+        """True once the paper's estimate is complete (`fixed` mode, first `z_batches` seen)."""
+        return self.z_estimate == "fixed" and self._seen >= self.z_batches
 
     @property
     def z(self) -> float:
-        """Z for logging: the fixed value, the running estimate while estimating, nan before."""
-        if self.z_fixed:
-            log_z = float(self.log_z)
-        elif self._seen > 0:
+        """Z for logging: the value in use (running estimate while estimating), nan before."""
+        if self._seen == 0:
+            return float("nan")
+        if self.z_estimate == "fixed" and not self.z_fixed:
             log_z = float(self.z_lse) - math.log(int(self.z_count)) + math.log(self.bank.num_items)
         else:
-            return float("nan")
+            log_z = float(self.log_z)
         return math.exp(log_z) if log_z < 709.0 else float("inf")
 
     def forward(self, features: Tensor, indices: Tensor) -> Tensor:
@@ -119,21 +138,21 @@ class NCELoss(nn.Module):
         noise = sample_negatives(indices, n, self.num_negatives)  # (B, m)
         rows = torch.cat([indices.unsqueeze(1), noise], dim=1)  # (B, 1+m), column 0 positive
         logits = bank_logits(features, self.bank.features[rows], self.temperature)  # (B, 1+m)
-        log_z = self._update_log_z(logits.detach())  # ()
+        log_z = self._update_log_z(logits[:, 1:].detach())  # ()
         return nce_loss(logits, log_z, n)
 
     @torch.no_grad()
-    def _update_log_z(self, logits: Tensor) -> Tensor:
-        """Advance the Z state with this batch's logits (B, 1+m); return the log Z to use now."""
+    def _update_log_z(self, noise_logits: Tensor) -> Tensor:
+        """Advance the Z state with this batch's noise logits (B, m); the log Z to use now."""
         if self.z_fixed and self.z_momentum == 0.0:
             return self.log_z
-        batch_lse, batch_count = self._pooled_stats(logits)  # (), ()
+        batch_lse, batch_count = self._pooled_stats(noise_logits)  # (), ()
         log_n = math.log(self.bank.num_items)
-        if not self.z_fixed:
+        first = self._seen == 0
+        if self.z_estimate == "fixed" and not self.z_fixed:  # the paper: pool the first batches
             self.z_lse.copy_(torch.logaddexp(self.z_lse, batch_lse))
             self.z_count.add_(batch_count)
-            self.z_batches_seen.add_(1)
-            self._seen += 1
+            self._count_batch()
             estimate = self.z_lse - torch.log(self.z_count.to(self.z_lse.dtype)) + log_n  # ()
             if self.z_fixed:
                 self.log_z.copy_(estimate)
@@ -141,9 +160,19 @@ class NCELoss(nn.Module):
                          "(log Z = %.4f)", self._seen, self.z, float(self.log_z))
             return estimate
         batch_log_z = batch_lse - torch.log(batch_count.to(batch_lse.dtype)) + log_n  # ()
+        if self.z_estimate == "batch":
+            self._count_batch()
         mu = self.z_momentum
-        self.log_z.copy_(torch.logaddexp(self.log_z + math.log(mu), batch_log_z + math.log1p(-mu)))
+        if first or mu == 0.0:
+            self.log_z.copy_(batch_log_z)
+        else:
+            self.log_z.copy_(torch.logaddexp(self.log_z + math.log(mu),
+                                             batch_log_z + math.log1p(-mu)))
         return self.log_z
+
+    def _count_batch(self) -> None:
+        self.z_batches_seen.add_(1)
+        self._seen += 1
 
     def _pooled_stats(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """(logsumexp, count) of this batch's logits, pooled over all DDP ranks (rank order)."""
@@ -156,4 +185,5 @@ class NCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_negatives={self.num_negatives}, temperature={self.temperature}, "
-                f"z_batches={self.z_batches}, z_momentum={self.z_momentum}")
+                f"z_estimate={self.z_estimate}, z_batches={self.z_batches}, "
+                f"z_momentum={self.z_momentum}")

@@ -20,6 +20,7 @@ ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
 }
 STAGE_PLANES = (64, 128, 256, 512)  # torchvision's layer1..layer4 "planes"; the stem has 64 too
 MIN_CHANNELS = 8
+INITS = ("torchvision", "pytorch")
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -37,7 +38,7 @@ class ScalableResNet(ResNet):
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
-                 width: float = 1.0, cifar_stem: bool = False) -> None:
+                 width: float = 1.0, cifar_stem: bool = False, init: str = "torchvision") -> None:
         super().__init__(block, layers)
         planes = [scaled_channels(c, width) for c in STAGE_PLANES]
         stem = planes[0]
@@ -54,13 +55,17 @@ class ScalableResNet(ResNet):
             self.maxpool = nn.Identity()
         self.fc = nn.Identity()
         self.out_dim = planes[3] * block.expansion
-        if width != 1.0 or cifar_stem:
-            self._reset_parameters()
+        if width != 1.0 or cifar_stem or init != "torchvision":
+            self._reset_parameters(init)
 
-    def _reset_parameters(self) -> None:
-        """torchvision's initialisation (kaiming fan_out convs, BN weight 1 / bias 0)."""
+    def _reset_parameters(self, init: str) -> None:
+        """`torchvision`: kaiming fan_out convs, BN weight 1 / bias 0 (torchvision's ResNet).
+        `pytorch`: every layer's own `reset_parameters()` (kaiming-uniform, a = sqrt(5)), as a
+        ResNet written from plain `nn.Conv2d` layers gets it (lemniscate's CIFAR ResNet)."""
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if init == "pytorch" and isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+            elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
@@ -77,7 +82,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, arch: str, feature_dim: int = 128, cifar_stem: bool = True,
-                 width: float = 1.0) -> None:
+                 width: float = 1.0, init: str = "torchvision") -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; allowed: {sorted(ARCHS)}")
@@ -85,10 +90,12 @@ class Encoder(nn.Module):
             raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; allowed: {list(INITS)}")
         block, layers = ARCHS[arch]
         self.config = {"arch": arch, "feature_dim": feature_dim, "cifar_stem": cifar_stem,
-                       "width": width}
-        self.trunk = ScalableResNet(block, layers, width=width, cifar_stem=cifar_stem)
+                       "width": width, "init": init}
+        self.trunk = ScalableResNet(block, layers, width=width, cifar_stem=cifar_stem, init=init)
         self.trunk_dim: int = self.trunk.out_dim
         self.feature_dim = feature_dim
         self.head = nn.Linear(self.trunk_dim, feature_dim)
@@ -117,6 +124,6 @@ class Encoder(nn.Module):
 
 
 def build_encoder(arch: str, feature_dim: int = 128, cifar_stem: bool = True,
-                  width: float = 1.0) -> Encoder:
-    """The encoder for `arch` in {resnet18, resnet34, resnet50}, randomly initialised."""
-    return Encoder(arch, feature_dim=feature_dim, cifar_stem=cifar_stem, width=width)
+                  width: float = 1.0, init: str = "torchvision") -> Encoder:
+    """The encoder for `arch` in {resnet18, resnet34, resnet50}, randomly initialised (`init`)."""
+    return Encoder(arch, feature_dim=feature_dim, cifar_stem=cifar_stem, width=width, init=init)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from instdisc import checkpoint, runtime
 from instdisc.config import SemiSupervisedParams
 from instdisc.errors import StageError
 from instdisc.data import loaders
-from instdisc.data.augment import BatchAugment
+from instdisc.data.augment import MEAN, STD, BatchAugment
 from instdisc.data.prepared import PreparedDataset, SplitData
 from instdisc.models.encoder import build_encoder
 
@@ -114,12 +115,14 @@ def finetune(model: nn.Module, labelled: SplitData, augment: BatchAugment, devic
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, test: SplitData, device: torch.device, batch_size: int,
-                  image_size: int | None, resize: int | None = None) -> float:
+                  image_size: int | None, resize: int | None = None,
+                  mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> float:
     """Top-1 accuracy (%) of `model` on every image of `test` (eval mode, no augmentation)."""
     model.eval()
     correct = 0
     labels = test.labels.to(device)                                      # (N,)
-    batches = loaders.eval_batches(test, batch_size, device, image_size=image_size, resize=resize)
+    batches = loaders.eval_batches(test, batch_size, device, image_size=image_size, resize=resize,
+                                   mean=mean, std=std)
     for images, indices in batches:
         correct += int((model(images).argmax(1) == labels[indices]).sum())
     return 100.0 * correct / test.num_items
@@ -136,8 +139,10 @@ def run_semi_supervised(params: SemiSupervisedParams, encoder_path: Path,
     train, test = prepared.split("train"), prepared.split("test")
     in_memory = train.storage == "array"
     size = train.image_size[0] if in_memory else int(meta["preprocess"]["image_size"][0])
+    pre = meta["preprocess"]
     augment = BatchAugment(size, crop_scale=(params.crop_scale_min, 1.0), color_jitter=0.0,
-                           grayscale_prob=0.0, hflip=params.hflip).to(device)
+                           grayscale_prob=0.0, hflip=params.hflip, mean=pre["mean"],
+                           std=pre["std"]).to(device)
     inits = ["pretrained"] + (["scratch"] if params.scratch_baseline else [])
     results: dict[str, Any] = {}
     for fraction in params.fractions:
@@ -153,7 +158,8 @@ def run_semi_supervised(params: SemiSupervisedParams, encoder_path: Path,
                             batch_size=params.batch_size, lr=params.lr,
                             momentum=params.momentum, weight_decay=params.weight_decay)
             row[init] = evaluate_top1(model, test, device, params.eval_batch_size,
-                                      None if in_memory else size, meta["preprocess"].get("resize"))
+                                      None if in_memory else size, pre.get("resize"),
+                                      pre["mean"], pre["std"])
             row[f"{init}_final_loss"] = loss
             log.info("%g%% labels (%d images), %s: top-1 %.2f%%", 100 * fraction, len(subset),
                      init, row[init])

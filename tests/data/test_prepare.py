@@ -127,3 +127,27 @@ def test_synthetic_source_is_deterministic(tmp_path):
     big = run(tmp_path, "synthetic", out="c", max_in_memory_size=8, **params)
     assert big["storage"] == "manifest"
     assert len(PreparedDataset.open(tmp_path / "c").split("test").paths) == 6
+
+
+def test_training_channel_statistics_are_stored_and_used_for_normalisation(tmp_path):
+    import torch
+
+    from instdisc.config import PretrainParams
+    from instdisc.runtime import DistInfo
+    from instdisc.train_data import TrainData
+
+    params = PrepareParams(synthetic=SyntheticParams(num_classes=3, train_per_class=8,
+                                                     test_per_class=2, image_size=16))
+    prepare(params, seed=0, out_dir=tmp_path / "p", progress=False)
+    prepared = PreparedDataset.open(tmp_path / "p")
+    pixels = np.load(tmp_path / "p" / "train_images.npy").reshape(-1, 3) / 255.0
+    mean, std = prepared.normalization
+    assert mean == pytest.approx(pixels.mean(axis=0).tolist(), abs=1e-6)
+    assert std == pytest.approx(pixels.std(axis=0).tolist(), abs=1e-6)
+    assert json.loads((tmp_path / "p" / "meta.json").read_text())["normalization"]["images"] == 24
+    cpu = torch.device("cpu")
+    data = TrainData(prepared, PretrainParams(), cpu, DistInfo())
+    assert (data.mean, data.std) == (mean, std)
+    assert data.augment.mean.flatten().tolist() == pytest.approx(mean)
+    imagenet = TrainData(prepared, PretrainParams(normalization="imagenet"), cpu, DistInfo())
+    assert imagenet.mean == (0.485, 0.456, 0.406)

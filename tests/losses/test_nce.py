@@ -42,10 +42,16 @@ def test_nce_loss_matches_reference(batch_size, num_negatives):
     assert nce_loss(logits, log_z, 1000).item() == pytest.approx(expected)
 
 
+def brute_log_z(noise_logits, num_items):
+    """log(n * mean_j exp(logit_j)) over the noise logits, in plain Python floats."""
+    values = [math.exp(v) for v in noise_logits.flatten().tolist()]
+    return math.log(num_items * sum(values) / len(values))
+
+
 def test_estimate_log_z_matches_brute_force():
     logits = torch.randn(4, 9, dtype=torch.float64) * 3
-    brute = math.log(1000 * torch.exp(logits).mean().item())
-    assert estimate_log_z(logits, 1000).item() == pytest.approx(brute, rel=1e-12)
+    assert estimate_log_z(logits, 1000).item() == pytest.approx(brute_log_z(logits, 1000),
+                                                                rel=1e-12)
 
 
 def test_no_overflow_with_small_temperature_and_large_logits():
@@ -84,15 +90,48 @@ def test_nce_module_matches_reference_formula():
     torch.manual_seed(1)
     loss = loss_fn(features, indices)
     logits = replay_logits(loss_fn, features, indices, seed=1)
-    log_z = estimate_log_z(logits, bank.num_items)
+    log_z = torch.tensor(brute_log_z(logits[:, 1:], 50), dtype=logits.dtype)  # noise columns
     assert loss.item() == pytest.approx(reference_nce(logits, log_z, 50).item(), rel=1e-5)
     assert loss_fn.log_z.item() == pytest.approx(log_z.item(), rel=1e-6)
     assert loss_fn.z == pytest.approx(math.exp(log_z.item()), rel=1e-5)
 
 
-def test_z_accumulates_over_first_batches_then_stays_fixed():
+def test_z_estimate_ignores_the_positive_column():
     bank = make_bank()
-    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1, z_batches=3)
+    features, indices = bank.features[:4].clone(), torch.arange(4)  # positive logit = 1 / tau
+    loss_fn = NCELoss(bank, num_negatives=3, temperature=0.05)
+    torch.manual_seed(2)
+    loss_fn(features, indices)
+    logits = replay_logits(loss_fn, features, indices, seed=2)
+    assert loss_fn.log_z.item() == pytest.approx(brute_log_z(logits[:, 1:], 50), rel=1e-6)
+    assert loss_fn.log_z.item() < brute_log_z(logits, 50) - 1.0  # the positive would dominate
+
+
+def test_batch_z_follows_every_batch():
+    """Default: Z is re-estimated from each batch's noise logits, so it tracks the features."""
+    bank = make_bank()
+    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1)
+    assert math.isnan(loss_fn.z)
+    estimates = []
+    for step in range(4):
+        features, indices = unit(4, 8, seed=step), torch.randint(0, 50, (4,))
+        if step == 3:  # features aligned with bank rows: a much larger Z
+            features = bank.features[:4].clone()
+        torch.manual_seed(100 + step)
+        loss = loss_fn(features, indices)
+        logits = replay_logits(loss_fn, features, indices, seed=100 + step)
+        expected = brute_log_z(logits[:, 1:], 50)
+        assert loss_fn.log_z.item() == pytest.approx(expected, rel=1e-6)
+        log_z = torch.tensor(expected, dtype=logits.dtype)
+        assert loss.item() == pytest.approx(reference_nce(logits, log_z, 50).item(), rel=1e-5)
+        estimates.append(expected)
+    assert len({round(e, 4) for e in estimates}) == 4
+    assert not loss_fn.z_fixed
+
+
+def test_fixed_z_accumulates_over_first_batches_then_stays_fixed():
+    bank = make_bank()
+    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1, z_batches=3, z_estimate="fixed")
     assert math.isnan(loss_fn.z) and torch.isnan(loss_fn.log_z)
     seen = []
     for step in range(5):
@@ -101,46 +140,76 @@ def test_z_accumulates_over_first_batches_then_stays_fixed():
         loss = loss_fn(features, indices)
         logits = replay_logits(loss_fn, features, indices, seed=100 + step)
         if step < 3:
-            seen.append(logits)
-            running = estimate_log_z(torch.cat(seen), bank.num_items)  # current batch included
-            assert loss.item() == pytest.approx(nce_loss(logits, running, 50).item(), rel=1e-5)
-            assert loss_fn.z == pytest.approx(math.exp(running.item()), rel=1e-5)
+            seen.append(logits[:, 1:])
+            running = brute_log_z(torch.cat(seen), 50)  # current batch included
+            log_z = torch.tensor(running, dtype=logits.dtype)
+            assert loss.item() == pytest.approx(reference_nce(logits, log_z, 50).item(), rel=1e-5)
+            assert loss_fn.z == pytest.approx(math.exp(running), rel=1e-5)
             assert loss_fn.z_fixed == (step == 2)
         else:
-            assert loss.item() == pytest.approx(nce_loss(logits, fixed, 50).item(), rel=1e-5)
+            assert loss.item() == pytest.approx(reference_nce(logits, fixed, 50).item(), rel=1e-5)
         if step == 2:
             fixed = loss_fn.log_z.clone()
-            assert fixed.item() == pytest.approx(running.item(), rel=1e-6)
+            assert fixed.item() == pytest.approx(running, rel=1e-6)
     assert torch.equal(loss_fn.log_z, fixed)
 
 
-def test_z_momentum_updates_z_as_an_ema_after_the_estimate():
+@pytest.mark.parametrize("z_estimate", ["batch", "fixed"])
+def test_z_momentum_is_an_ema_of_the_batch_estimates(z_estimate):
     bank = make_bank()
-    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1, z_batches=1, z_momentum=0.9)
+    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1, z_batches=1, z_momentum=0.9,
+                      z_estimate=z_estimate)
+    torch.manual_seed(4)
     loss_fn(unit(4, 8, seed=0), torch.arange(4))
-    z0 = loss_fn.z
-    features, indices = unit(4, 8, seed=1) * -1, torch.arange(4, 8)
+    first = replay_logits(loss_fn, unit(4, 8, seed=0), torch.arange(4), seed=4)
+    z0 = math.exp(brute_log_z(first[:, 1:], 50))
+    assert loss_fn.z == pytest.approx(z0, rel=1e-5)  # starts at the first batch's estimate
+    features, indices = bank.features[4:8].clone(), torch.arange(4, 8)
     torch.manual_seed(5)
     loss_fn(features, indices)
     logits = replay_logits(loss_fn, features, indices, seed=5)
-    z_batch = math.exp(estimate_log_z(logits, 50).item())
+    z_batch = math.exp(brute_log_z(logits[:, 1:], 50))
     assert loss_fn.z == pytest.approx(0.9 * z0 + 0.1 * z_batch, rel=1e-5)
     assert loss_fn.z != pytest.approx(z0, rel=1e-3)
 
 
-def test_z_is_logged_once_and_restored_from_state_dict(caplog):
+def test_fixed_z_is_logged_once_and_restored_from_state_dict(caplog):
     bank = make_bank()
-    loss_fn = NCELoss(bank, num_negatives=5, temperature=0.1, z_batches=2)
+    loss_fn = NCELoss(bank, num_negatives=5, temperature=0.1, z_batches=2, z_estimate="fixed")
     with caplog.at_level(logging.INFO, logger="instdisc.losses.nce"):
         for step in range(4):
             loss_fn(unit(3, 8, seed=step), torch.arange(3))
     assert sum("fixed after 2 batches" in r.getMessage() for r in caplog.records) == 1
     state = ProximalLoss(loss_fn, bank, 0.1).state_dict()
     assert {"base.log_z", "base.z_lse", "base.z_count", "base.z_batches_seen"} <= set(state)
-    restored = NCELoss(make_bank(seed=1), num_negatives=5, temperature=0.1, z_batches=2)
+    restored = NCELoss(make_bank(seed=1), num_negatives=5, temperature=0.1, z_batches=2,
+                       z_estimate="fixed")
     ProximalLoss(restored, restored.bank, 0.1).load_state_dict(state)  # nested load hooks run
     assert restored.z_fixed and torch.equal(restored.log_z, loss_fn.log_z)
     assert torch.equal(restored.bank.features, bank.features)
+
+
+def discrimination_accuracy(z_estimate, steps=150):
+    """Free unit features trained against a fixed bank: fraction whose nearest row is their own."""
+    torch.manual_seed(0)
+    n, dim = 64, 16
+    bank = MemoryBank(n, dim, generator=torch.Generator().manual_seed(0))
+    raw = torch.nn.Parameter(torch.randn(n, dim, generator=torch.Generator().manual_seed(1)))
+    loss_fn = NCELoss(bank, num_negatives=32, temperature=0.1, z_estimate=z_estimate)
+    optimizer = torch.optim.SGD([raw], lr=5.0)
+    for _ in range(steps):
+        indices = torch.randperm(n)[:16]
+        loss = loss_fn(F.normalize(raw[indices], dim=1), indices)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    nearest = (F.normalize(raw, dim=1) @ bank.features.T).argmax(dim=1)
+    return (nearest == torch.arange(n)).float().mean().item()
+
+
+def test_nce_learns_to_discriminate_instances():
+    assert discrimination_accuracy("batch") > 0.9
+    assert discrimination_accuracy("batch", steps=0) < 0.2
 
 
 def test_gradient_flows_to_features_not_to_the_bank():
@@ -156,3 +225,6 @@ def test_nce_rejects_bad_arguments():
         NCELoss(make_bank(), num_negatives=0, temperature=0.07)
     with pytest.raises(ValueError, match=r"z_momentum must be in \[0, 1\), got 1.0"):
         NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_momentum=1.0)
+    with pytest.raises(ValueError, match=r"z_estimate must be one of \['batch', 'fixed'\], "
+                                         r"got 'ema'"):
+        NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_estimate="ema")

@@ -16,7 +16,7 @@ def test_forward_is_unit_norm_with_feature_dim():
     assert out.shape == (3, 128) and out.dtype == torch.float32
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
     assert encoder.config == {"arch": "resnet18", "feature_dim": 128, "cifar_stem": True,
-                              "width": 0.25}
+                              "width": 0.25, "init": "torchvision"}
     assert (encoder.trunk_dim, encoder.feature_dim) == (128, 128)
 
 
@@ -67,3 +67,22 @@ def test_encoder_exports_with_a_dynamic_batch():
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     x5 = torch.randn(5, 3, 32, 32)
     assert torch.allclose(program.module()(x5), encoder(x5), atol=1e-5)
+
+
+def test_pytorch_init_is_every_layers_own_default_and_torchvision_init_is_kaiming_fan_out():
+    torch.manual_seed(0)
+    default = build_encoder("resnet18", width=0.25, init="pytorch")
+    torch.manual_seed(0)
+    kaiming = build_encoder("resnet18", width=0.25)
+    conv = default.trunk.layer1[0].conv1.weight                      # (16, 16, 3, 3)
+    fan_in = conv[0].numel()
+    bound = 1 / fan_in ** 0.5                                         # kaiming_uniform, a = sqrt(5)
+    assert conv.abs().max() <= bound and conv.std() > 0.5 * bound / 3 ** 0.5
+    fan_out = conv.shape[0] * 9
+    expected_std = (2 / fan_out) ** 0.5
+    assert kaiming.trunk.layer1[0].conv1.weight.std().item() == pytest.approx(expected_std,
+                                                                              rel=0.1)
+    assert default.config["init"] == "pytorch"
+    with pytest.raises(ValueError, match=r"unknown init 'xavier'; allowed: \['torchvision', "
+                                         r"'pytorch'\]"):
+        build_encoder("resnet18", init="xavier")
