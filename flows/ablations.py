@@ -30,11 +30,14 @@ from flows.dag import load_graph  # noqa: E402
 from flows.experiments import (  # noqa: E402
     check_name, make_name, parse_sets, run_experiment, show_experiments, validate_overrides)
 from flows.parent_run import parent_run  # noqa: E402
+from instdisc.config import PretrainParams  # noqa: E402  (pure dataclasses: no torch)
 
 # The paper's ablations (Wu et al. 2018, arXiv:1805.01978, Sec. 4): NCE noise samples m,
 # embedding size, training-set size, proximal regularisation strength lambda.
+# A preset that sweeps an NCE knob also pins `loss: nce` (a one-value axis), so it never runs
+# the same softmax run four times; the first key is the plot's x axis.
 PRESETS: dict[str, dict[str, list[Any]]] = {
-    "nce-m": {"pretrain.num_negatives": [1, 10, 512, 4096]},
+    "nce-m": {"pretrain.num_negatives": [1, 10, 512, 4096], "pretrain.loss": ["nce"]},
     "feature-dim": {"pretrain.feature_dim": [32, 64, 128, 256]},
     "train-fraction": {"prepare.train_fraction": [0.1, 0.5, 1.0]},
     "proximal": {"pretrain.proximal_lambda": [0.0, 10.0, 30.0, 50.0]},
@@ -73,25 +76,44 @@ def ablation(sweep: dict[str, list[Any]], repo: str = ".", fixed: dict[str, Any]
     against the first swept key. Returns {"rows", "csv", "plot", "metric"}.
     """
     root = Path(repo).resolve()
+    combos = combinations(sweep)
+    tags = {"instdisc.flow": "ablation", "ablation.sweep": sweep, "ablation.fixed": fixed or {}}
+    rows = run_experiments(root, combos, fixed=fixed or {}, name_prefix=name_prefix,
+                           title="ablation", tags=tags, retries=retries,
+                           retry_delay_seconds=retry_delay_seconds,
+                           transient_patterns=transient_patterns,
+                           temp_experiment=temp_experiment, track=track)
+    return report(rows, [param_column(k) for k in sweep], metric, root / out_dir)
+
+
+def run_experiments(root: Path, combos: list[dict[str, Any]], *, fixed: dict[str, Any],
+                    name_prefix: str, title: str, tags: dict[str, Any], retries: int = 1,
+                    retry_delay_seconds: float = 30.0,
+                    transient_patterns: list[str] | None = None, temp_experiment: bool = True,
+                    track: bool = True, targets: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run `fixed + combo` as one DVC experiment per combo (one after another); a row each.
+
+    Rows: experiment, status, `params.<key>` per combo key, every metric as `<stage>.<key>`,
+    error, rev. Everything is checked before the first run; raises AblationFailed only when
+    every run failed. `targets`: the dvc.yaml stages to reproduce (default: all).
+    """
     check_repo(root, experiments=True)
     graph = load_graph(root)
-    fixed = dict(fixed or {})
-    combos = combinations(sweep)
     for combo in combos:
         validate_overrides(root, {**fixed, **combo})
+        check_effective(root, {**fixed, **combo}, swept=list(combo))
     check_name(name_prefix)
     names = [make_name(name_prefix, i) for i in range(len(combos))]
     patterns = [*DEFAULT_TRANSIENT_PATTERNS, *(transient_patterns or [])]
     experiment = run_experiment.with_options(retries=retries,
                                              retry_delay_seconds=retry_delay_seconds)
-    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
-            "instdisc.flow": "ablation", "ablation.sweep": sweep, "ablation.fixed": fixed}
-    with parent_run(root, f"ablation-{flow_run.name}", tags, enabled=track) as sweep_run:
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name, **tags}
+    with parent_run(root, f"{title}-{flow_run.name}", tags, enabled=track) as sweep_run:
         errors, children = {}, {}
         for name, combo in zip(names, combos):
             with sweep_run.child(name, {"dvc.experiment": name, **combo}) as child:
                 error = run_one(experiment, root, name, {**fixed, **combo}, temp_experiment,
-                                child.env(), patterns)
+                                child.env(), patterns, targets)
                 if error is not None:
                     errors[name], child.status = error, "FAILED"
             children[name] = child
@@ -103,19 +125,32 @@ def ablation(sweep: dict[str, list[Any]], repo: str = ".", fixed: dict[str, Any]
             rows.append({"experiment": name, "status": "failed" if name in errors else "succeeded",
                          **{param_column(k): v for k, v in combo.items()}, **flat,
                          "error": errors.get(name, ""), "rev": shown.get(name, {}).get("rev")})
-        result = report(rows, [param_column(k) for k in sweep], metric, root / out_dir)
     if len(errors) == len(rows):
         first = next(iter(errors.values()))
         raise AblationFailed(f"all {len(rows)} runs failed; first error: {first}")
-    return result
+    return rows
+
+
+def check_effective(root: Path, overrides: dict[str, Any], swept: list[str]) -> None:
+    """A swept `pretrain.*` key that the run's loss ignores is an error (the runs would be the
+    same run): e.g. sweeping pretrain.num_negatives while pretrain.loss is softmax."""
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    loss = overrides.get("pretrain.loss", (params.get("pretrain") or {}).get("loss", "nce"))
+    ignored = PretrainParams(loss=loss).ignored_by_loss()
+    for key in swept:
+        stage, _, name = key.partition(".")
+        if stage == "pretrain" and name in ignored:
+            raise ValueError(f"sweeping {key!r} has no effect: pretrain.loss is {loss!r}, which "
+                             f"ignores it; add --set pretrain.loss=nce (or sweep pretrain.loss)")
 
 
 def run_one(experiment: Task, repo: Path, name: str, overrides: dict[str, Any], temp: bool,
-            env: dict[str, str], patterns: list[str]) -> str | None:
+            env: dict[str, str], patterns: list[str],
+            targets: list[str] | None = None) -> str | None:
     """Run one experiment of the sweep; its error line if it failed (the sweep goes on)."""
     logger = get_run_logger()
     logger.info("experiment %s: %s", name, overrides)
-    state = experiment(repo, name, overrides, temp, env, patterns, return_state=True)
+    state = experiment(repo, name, overrides, temp, env, patterns, targets, return_state=True)
     if state.is_completed():
         return None
     error = state.result(raise_on_failure=False)

@@ -108,14 +108,16 @@ def untracked_files(repo: Path) -> list[str]:
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, task_run_name="exp-{name}")
 def run_experiment(repo: Path, name: str, overrides: dict[str, Any], temp: bool,
-                   env: dict[str, str], transient_patterns: list[str]) -> str:
-    """`dvc exp run` of the whole pipeline with `overrides`; returns the experiment name."""
+                   env: dict[str, str], transient_patterns: list[str],
+                   targets: list[str] | None = None) -> str:
+    """`dvc exp run` with `overrides` of the whole pipeline, or of `targets` and the stages
+    they depend on; returns the experiment name."""
     logger = get_run_logger()
     if temp and (missing := untracked_files(repo)):
         logger.warning("untracked files are not part of a --temp experiment (git add them if "
                        "the pipeline needs them): %s", ", ".join(missing[:20]))
     args = ["exp", "run", "-n", name] + (["--temp"] if temp else [])
-    args += set_arguments(overrides)
+    args += set_arguments(overrides) + list(targets or [])
     logger.info("dvc %s", " ".join(args))
     with files_preserved(repo, params_files(overrides)) as restored:
         result = run_streaming(dvc_command("--wait-for-lock", *args), repo, subprocess_env(env),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import toy_project  # noqa: I001
@@ -20,11 +21,12 @@ import yaml  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.ablations import ablation, combinations, parse_sweep  # noqa: E402
+from flows.ablations import PRESETS, ablation, check_effective, combinations, parse_sweep  # noqa: E402,E501
 from flows.dag import load_graph  # noqa: E402
 from flows.experiments import parse_sets, set_arguments, validate_overrides  # noqa: E402
 from flows.pipeline import pipeline  # noqa: E402
 from flows.serve import deployments  # noqa: E402
+from flows.table1 import ROWS, config_for, select_rows, table1, write_report  # noqa: E402
 from toy_project import (  # noqa: E402
     copy_repo, dvc, make_real_repo, make_template, read_metrics, reset_control, runs)
 
@@ -60,6 +62,11 @@ def toy_template(tmp_path_factory):
 def toy_repo(tmp_path, toy_template):
     reset_control()
     return copy_repo(toy_template, tmp_path / "repo")
+
+
+def show_revs(repo) -> dict[str, str]:
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    return {e["name"]: e["revs"][0]["rev"] for base in shown for e in base.get("experiments") or []}
 
 
 def exp_names(repo) -> set[str]:
@@ -170,6 +177,71 @@ def test_sweep_is_a_grid_and_deployment_has_the_cron(toy_repo):
     assert nightly.schedules[0].schedule.timezone == "Europe/Paris"
     assert nightly.entrypoint == "flows.pipeline.pipeline"
     assert sweep.schedules == [] and "sweep" in sweep.parameters
+
+
+def test_a_sweep_of_a_knob_the_loss_ignores_is_refused(tmp_path):
+    (tmp_path / "params.yaml").write_text("pretrain:\n  loss: softmax\n  num_negatives: 8\n")
+    with pytest.raises(ValueError, match=r"sweeping 'pretrain.num_negatives' has no effect: "
+                                         r"pretrain.loss is 'softmax'"):
+        check_effective(tmp_path, {"pretrain.num_negatives": 10}, ["pretrain.num_negatives"])
+    check_effective(tmp_path, {"pretrain.num_negatives": 10, "pretrain.loss": "nce"},
+                    ["pretrain.num_negatives"])  # pinned to NCE: fine
+    for combo in combinations(PRESETS["nce-m"]):  # the preset pins loss: nce itself
+        assert combo["pretrain.loss"] == "nce"
+        check_effective(tmp_path, combo, list(combo))
+
+
+def test_table1_rows_config_and_report(tmp_path):
+    assert [r[0] for r in select_rows(["softmax", "nce-1"])] == ["softmax", "nce-1"]
+    with pytest.raises(ValueError, match=r"unknown Table 1 rows \['nce-7'\]"):
+        select_rows(["nce-7"])
+    assert [paper for *_, paper in ROWS] == [63.0, 42.5, 63.4, 78.4, 80.4, 80.8]
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(b"")
+    config = config_for("data.zip", "cpu", tmp_path, {"pretrain.epochs": 2})
+    assert config["prepare.source"] == str(archive.resolve())  # temp experiments: absolute
+    assert (config["pretrain.width"], config["pretrain.epochs"], config["evaluate.k"]) == \
+        (0.25, 2, 200)
+    assert config_for("synthetic", "full", tmp_path)["pretrain.lr_milestones"] == [120, 160]
+    with pytest.raises(ValueError, match="source 'nope.zip' does not exist"):
+        config_for("nope.zip", "cpu", tmp_path)
+    table = [{"row": "softmax", "ours": 41.5, "random_init": 28.0, "paper": 80.8,
+              "train_seconds": 200.0, "status": "succeeded", "experiment": "t-0", "error": "",
+              "curve": [20.0, 30.0, 41.0]},
+             {"row": "nce-4096", "ours": None, "random_init": None, "paper": 80.4,
+              "train_seconds": None, "status": "failed", "experiment": "t-1",
+              "error": "ParamsError: num_negatives", "curve": []}]
+    result = write_report(table, config, "cpu", tmp_path / "out")
+    lines = (tmp_path / "out" / "table1.csv").read_text().splitlines()
+    assert lines[0] == "row,ours,random_init,paper,train_seconds,status,experiment,error"
+    assert lines[1].startswith("softmax,41.5,28.0,80.8,200.0,succeeded")
+    assert lines[2].startswith("nce-4096,,,80.4,,failed")
+    markdown = (tmp_path / "out" / "table1.md").read_text()
+    assert "| softmax | 41.5 | 28 | 80.8 |" in markdown and "`pretrain.epochs`: `2`" in markdown
+    assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_table1_flow_runs_rows_as_experiments_on_the_real_pipeline(tmp_path, monkeypatch):
+    """Two rows of Table 1 through real `dvc exp run --temp ... evaluate` (~2 min)."""
+    repo = make_real_repo(tmp_path / "t1", REPO_ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    fixed = {"prepare.train_fraction": 1.0, "pretrain.epochs": 2, "pretrain.batch_size": 16,
+             "pretrain.width": 0.125, "evaluate.k": 10}
+    result = table1(source="synthetic", repo=str(repo), rows=["nce-10", "softmax"],
+                    fixed=fixed, track=False)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"nce-10", "softmax"}
+    for row in rows.values():
+        assert row["status"] == "succeeded", row["error"]
+        assert 0.0 <= row["ours"] <= 100.0 and len(row["curve"]) == 2
+    assert rows["nce-10"]["ours"] != rows["softmax"]["ours"]  # two different objectives ran
+    assert {r["experiment"] for r in result["rows"]} <= exp_names(repo)
+    rev = show_revs(repo)[rows["softmax"]["experiment"]]
+    committed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "metrics"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert committed == ["metrics/evaluate.json", "metrics/prepare.json",
+                         "metrics/pretrain.json"]  # only the stages up to evaluate ran
 
 
 def stable(data, prefix=""):
