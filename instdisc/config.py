@@ -80,7 +80,8 @@ class PretrainParams:
     arch: str = "resnet18"
     cifar_stem: bool = True  # 3x3 stem, no max-pool (small images)
     width: float = 1.0  # channel multiplier of the ResNet trunk; 1.0 is torchvision's network
-    init: Literal["torchvision", "pytorch"] = "torchvision"  # layer initialisation of the trunk
+    init: Literal["torchvision", "pytorch"] = "pytorch"  # trunk init; pytorch = each layer's own
+    # default (the paper's CIFAR ResNet), torchvision = kaiming fan-out (torchvision's ResNet)
     feature_dim: int = 128
     loss: Literal["nce", "softmax", "parametric"] = "nce"
     num_negatives: int = 4096  # m in the paper
@@ -101,8 +102,8 @@ class PretrainParams:
     # set's own (stored by `prepare`; lemniscate normalises CIFAR-10 by its own) or ImageNet's
     crop_scale_min: float = 0.2
     color_jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - s, 1 + s]
-    hue: float = 0.4  # hue shift in [-hue, hue] of the colour circle (paper: 0.4)
-    color_jitter_prob: float = 1.0  # chance that a sample is jittered at all (paper: 1.0)
+    hue: float = 0.0  # hue shift in [-hue, hue] of the colour circle (paper: 0.4)
+    color_jitter_prob: float = 0.8  # chance that a sample is jittered at all (paper: 1.0)
     grayscale_prob: float = 0.2
     hflip: bool = True
     image_size: int = 224  # crop size for images read from files (in-memory sets keep their size)

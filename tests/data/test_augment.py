@@ -116,3 +116,57 @@ def test_hue_rotation_approximates_torchvision_hue():
     red = torch.tensor([1.0, 0.0, 0.0])
     third = _hue_matrix(torch.tensor([2 * torch.pi / 3]), cross)[0]
     torch.testing.assert_close(third @ red, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_crop_boxes_follow_torchvision_random_resized_crop_distribution():
+    """Area fraction and log aspect ratio of 20k boxes vs torchvision's get_params (KS test)."""
+    from torchvision.transforms import v2
+
+    H = W = 32
+    augment = BatchAugment(32, crop_scale=(0.2, 1.0))
+    torch.manual_seed(0)
+    x0, y0, w, h, flip = augment.crop_boxes(torch.rand(20000, 23), H, W)
+    ours_area, ours_aspect = (w * h / (H * W)), torch.log(w / h)
+    assert (x0 >= 0).all() and (x0 + w <= W + 1e-4).all() and (y0 + h <= H + 1e-4).all()
+    assert abs(flip.float().mean().item() - 0.5) < 0.02
+    image = torch.zeros(3, H, W)
+    torch.manual_seed(1)
+    ref = [v2.RandomResizedCrop.get_params(image, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+           for _ in range(20000)]
+    ref_h = torch.tensor([r[2] for r in ref], dtype=torch.float)
+    ref_w = torch.tensor([r[3] for r in ref], dtype=torch.float)
+    ref_area, ref_aspect = ref_w * ref_h / (H * W), torch.log(ref_w / ref_h)
+    # torchvision rounds boxes to whole pixels (a staircase CDF at 32 px); ours are continuous
+    assert ours_area.mean().item() == pytest.approx(ref_area.mean().item(), abs=0.02)
+    assert ours_aspect.std().item() == pytest.approx(ref_aspect.std().item(), rel=0.03)
+    for ours, theirs, tolerance in ((ours_area, ref_area, 0.05), (ours_aspect, ref_aspect, 0.06)):
+        grid = torch.linspace(float(theirs.min()), float(theirs.max()), 200)
+        cdf_ours = (ours[None, :] <= grid[:, None]).float().mean(dim=1)
+        cdf_theirs = (theirs[None, :] <= grid[:, None]).float().mean(dim=1)
+        assert (cdf_ours - cdf_theirs).abs().max() < tolerance
+
+
+def test_jitter_probability_and_hue_are_their_own_knobs():
+    x = images(batch=4000, size=4)
+    gray = torch.full((4000, 4, 4, 3), 128, dtype=torch.uint8)
+    torch.manual_seed(0)
+    unchanged = BatchAugment(4, crop_scale=(1.0, 1.0), grayscale_prob=0.0, hflip=False,
+                             jitter_prob=0.8)
+    out = unnormalize(unchanged(gray))
+    untouched = (out - 128 / 255).abs().amax(dim=(1, 2, 3)) < 1e-5          # brightness 1
+    assert abs(untouched.float().mean().item() - 0.2) < 0.03
+    plain = BatchAugment(4, crop_scale=(1.0, 1.0), grayscale_prob=0.0, hflip=False,
+                         color_jitter=0.0, hue=0.0)
+    assert torch.allclose(unnormalize(plain(x)), x.permute(0, 3, 1, 2).float() / 255, atol=1e-5)
+    hue_only = BatchAugment(4, crop_scale=(1.0, 1.0), grayscale_prob=0.0, hflip=False,
+                            color_jitter=0.0, hue=0.4)
+    shifted = unnormalize(hue_only(x))
+    assert not torch.allclose(shifted, x.permute(0, 3, 1, 2).float() / 255, atol=1e-2)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    mean_gray = (shifted.clamp(0, 1) * luma).sum(1).mean()                  # hue keeps grays
+    assert mean_gray.item() == pytest.approx(((x.permute(0, 3, 1, 2).float() / 255) * luma)
+                                             .sum(1).mean().item(), abs=0.02)
+    with pytest.raises(ValueError, match=r"jitter_prob must be in \[0, 1\], got 1.5"):
+        BatchAugment(4, jitter_prob=1.5)
+    with pytest.raises(ValueError, match=r"hue must be in \[0, 0.5\], got 0.6"):
+        BatchAugment(4, hue=0.6)

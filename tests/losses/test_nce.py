@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from instdisc.losses import NCELoss, ProximalLoss, estimate_log_z, nce_loss, sample_negatives
+from instdisc.losses.nce import bank_logits
 from instdisc.memory_bank import MemoryBank
 
 
@@ -228,3 +229,11 @@ def test_nce_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"z_estimate must be one of \['batch', 'fixed'\], "
                                          r"got 'ema'"):
         NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_estimate="ema")
+
+
+@pytest.mark.parametrize("num_negatives", [3, 40])  # gathered rows / one matmul over the bank
+def test_bank_logits_are_the_dot_products_of_the_chosen_rows(num_negatives):
+    bank, features = make_bank(), unit(5, 8, seed=3)
+    rows = torch.randint(0, 50, (5, 1 + num_negatives), generator=torch.Generator().manual_seed(1))
+    expected = torch.stack([bank.features[r] @ f for r, f in zip(rows, features)]) / 0.07
+    assert torch.allclose(bank_logits(features, bank.features, rows, 0.07), expected, atol=1e-5)
