@@ -68,12 +68,16 @@ def check_fingerprint(trained_on: str | None, prepared: Any, encoder_path: Path)
 
 
 def finish(stage: str, metrics: dict[str, Any], path: Path, started: float | None = None,
-           artifacts: Sequence[Path] = ()) -> dict[str, Any]:
-    """Write `metrics` (plus `seconds` since `started`, if given) and log them; returns them."""
+           artifacts: Sequence[Path] = (), log_metrics: bool = True) -> dict[str, Any]:
+    """Write `metrics` (plus `seconds` since `started`, if given) and log them; returns them.
+
+    `log_metrics=False` where the run already logged the same names per step (pretrain's epochs).
+    """
     if started is not None:
         metrics["seconds"] = round(time.perf_counter() - started, 2)
     write_json(metrics, path)
-    tracking.log_metrics(flatten(metrics))
+    if log_metrics:
+        tracking.log_metrics(flatten(metrics))
     for artifact in (path, *artifacts):
         tracking.log_artifact(artifact)
     log.info("%s: metrics in %s", stage, path)

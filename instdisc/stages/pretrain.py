@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "knn_top1_monitor": last.get("knn_top1"),
                    "images_per_second": last.get("images_per_second"),
                    "train_seconds": sum(r["seconds"] for r in history)}
-        _common.finish(NAME, metrics, args.metrics, artifacts=[history_csv, history_png])
+        _common.finish(NAME, metrics, args.metrics, artifacts=[history_csv, history_png],
+                       log_metrics=False)  # per-epoch values are logged by on_epoch_end
     loss = metrics["loss"]
     _common.log.info("wrote %s (%d epochs, final loss %.4f)", args.out, len(history),
                      loss if loss is not None else float("nan"))
