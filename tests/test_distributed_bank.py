@@ -7,10 +7,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from instdisc import runtime
 from instdisc.losses import NCELoss, estimate_log_z, sample_negatives
 from instdisc.memory_bank import MemoryBank
 
 NUM_ITEMS, DIM, NUM_NEGATIVES, TAU = 40, 8, 6, 0.1
+SEED, EPOCH = 0, 3
 # Different local batches per rank, of different sizes; row 7 appears on both ranks and twice on
 # rank 1, so "last occurrence wins" is exercised across the gathered batch.
 LOCAL_INDICES = [torch.tensor([0, 7, 12, 3, 30]), torch.tensor([7, 21, 5, 7])]
@@ -26,8 +28,8 @@ def make_bank():
 
 
 def local_logits(bank, rank):
-    """The logits rank `rank` computes in NCELoss after torch.manual_seed(rank), by hand."""
-    torch.manual_seed(rank)
+    """The logits rank `rank` computes in NCELoss after training's per-rank reseed, by hand."""
+    torch.manual_seed(runtime.rank_seed(SEED, EPOCH, rank))
     indices = LOCAL_INDICES[rank]
     rows = torch.cat([indices[:, None], sample_negatives(indices, NUM_ITEMS, NUM_NEGATIVES)], 1)
     return torch.einsum("bkd,bd->bk", bank.features[rows], local_features(rank)) / TAU
@@ -45,8 +47,8 @@ def worker(rank, world_size, port, out_dir):
                             world_size=world_size)
     try:
         bank = make_bank()
-        loss_fn = NCELoss(bank, NUM_NEGATIVES, TAU, z_batches=1)
-        torch.manual_seed(rank)  # different noise rows on each rank
+        loss_fn = NCELoss(bank, NUM_NEGATIVES, TAU)
+        torch.manual_seed(runtime.rank_seed(SEED, EPOCH, rank))  # as TrainData.epoch_batches
         loss_fn(local_features(rank), LOCAL_INDICES[rank])
         bank.update(LOCAL_INDICES[rank], local_features(rank))
         torch.save({"bank": bank.features, "log_z": loss_fn.log_z}, f"{out_dir}/rank{rank}.pt")
@@ -64,6 +66,7 @@ def test_banks_and_z_are_identical_across_ranks_and_match_one_process(tmp_path):
     logits = torch.cat([local_logits(single, rank) for rank in range(2)])  # before the update
     single.update(torch.cat(LOCAL_INDICES), torch.cat([local_features(0), local_features(1)]))
     assert torch.equal(results[0]["bank"], single.features)
-    assert torch.allclose(results[0]["log_z"], estimate_log_z(logits, NUM_ITEMS), rtol=1e-6)
-    alone = estimate_log_z(local_logits(make_bank(), 0), NUM_ITEMS)
+    noise = logits[:, 1:]  # Z comes from the noise columns, pooled over both ranks
+    assert torch.allclose(results[0]["log_z"], estimate_log_z(noise, NUM_ITEMS), rtol=1e-6)
+    alone = estimate_log_z(local_logits(make_bank(), 0)[:, 1:], NUM_ITEMS)
     assert not torch.allclose(results[0]["log_z"], alone, rtol=1e-3)  # both ranks contributed
