@@ -31,7 +31,7 @@ def test_torchrun_two_ranks_train_with_identical_banks(tmp_path: Path):
     log = out.stdout + out.stderr
     assert "rank 0/2" in log and "rank 1/2" in log
     # The kNN monitor reads the bank: identical banks on both ranks give identical values.
-    monitors = re.findall(r"epoch (\d)/2 .* Z ([\d.]+)\s+kNN ([\d.]+)%", log)
+    monitors = re.findall(r"epoch (\d)/2 .* Z ([\d.e+-]+)\s+kNN ([\d.]+)%", log)
     by_epoch: dict[str, set] = {}
     for epoch, z, knn in monitors:
         by_epoch.setdefault(epoch, set()).add((z, knn))
