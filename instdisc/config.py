@@ -56,14 +56,32 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class SplitFolders:
+    """Which source folder becomes which prepared split; "" = automatic (train; test, val or
+    validation, in that order; without one, `holdout_fraction` of train is held out)."""
+
+    train: str = ""
+    test: str = ""
+
+    def __post_init__(self) -> None:
+        _check(not self.test or bool(self.train), "splits.train", self.train,
+               "a folder name whenever splits.test is given")
+        _check(not self.train or self.train != self.test, "splits.test", self.test,
+               f"a folder other than splits.train ({self.train!r})")
+
+
+@dataclass(frozen=True)
 class PrepareParams:
     """Stage `prepare`: where the images come from and how they are stored."""
 
-    source: str = "synthetic"  # "synthetic", or a folder / .zip / .tar(.gz) in <split>/<class>/<file> layout
+    source: str = "synthetic"  # "synthetic", or a folder / .zip / .tar(.gz) of images
     on_error: Literal["skip", "fail"] = "skip"
     max_in_memory_size: int = 64  # images up to this many pixels a side are stored as one uint8 array
     image_size: int = 0  # resize in-memory images to this square size; 0 keeps the source size
     train_fraction: float = 1.0  # keep this fraction of every class's training images (ablations)
+    labels: Literal["auto", "folders", "none"] = "auto"  # class folders or not (sources.py)
+    splits: SplitFolders = field(default_factory=SplitFolders)
+    holdout_fraction: float = 0.1  # no evaluation split in the source: hold this much of train out
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
     def __post_init__(self) -> None:
@@ -71,6 +89,8 @@ class PrepareParams:
         _check(self.max_in_memory_size >= 1, "max_in_memory_size", self.max_in_memory_size, ">= 1")
         _check(self.image_size >= 0, "image_size", self.image_size, ">= 0")
         _check(0.0 < self.train_fraction <= 1.0, "train_fraction", self.train_fraction, "(0, 1]")
+        _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", self.holdout_fraction,
+               "[0, 1) (0: the source must have an evaluation split)")
 
 
 @dataclass(frozen=True)

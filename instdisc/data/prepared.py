@@ -1,8 +1,10 @@
 """The prepared dataset on disk (docs/DESIGN.md): written once, atomically; opened by every stage.
 
-    meta.json                 format_version, source, classes, fingerprint, per-split storage
+    meta.json                 format_version, source, classes ([] if unlabelled), fingerprint,
+                              per-split storage
     report.json               what `prepare` did: counts, skipped files, conversions
-    <split>_labels.npy        int64 (N,)
+    <split>_labels.npy        int64 (N,): class index, or UNLABELED (-1) for every image of an
+                              unlabelled source
     <split>_images.npy        uint8 (N, H, W, 3)                         (storage "array")
     <split>_manifest.jsonl    {"path": ..., "label": int} per line, in index order  ("manifest")
     files/                    images extracted from archives (manifest paths relative to root)
@@ -33,6 +35,7 @@ from instdisc.data.sources import DECODE_ERRORS, decode_rgb
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+UNLABELED = -1  # the label of every image of an unlabelled source (meta "classes" is then [])
 META = "meta.json"
 REPORT = "report.json"
 
@@ -255,6 +258,11 @@ class PreparedDataset:
                 if not file.is_file():
                     raise FileNotFoundError(f"{str(file)!r} is missing from the prepared dataset")
         return cls(root, meta)
+
+    @property
+    def labeled(self) -> bool:
+        """Whether images carry class labels (False: every label is UNLABELED, no classes)."""
+        return bool(self.classes)
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -1,11 +1,19 @@
-"""Read the files of an image source laid out `<split>/<class>/<file>`: a folder, a .zip or a .tar.
+"""Read the files of an image source: a folder, a .zip or a .tar, labelled by folders or not.
 
-An archive (or folder) may wrap the tree in one extra top-level folder (`cifar10/train/...`).
+Layouts (an archive or folder may wrap the tree in one extra top-level folder, `cifar10/train/...`):
+
+- split folders (`train/`, and `test/`, `val/` or `validation/`, or any folder name the caller
+  asks for): labelled `<split>/<class>/<file>` (ImageNet, Places365, CIFAR-10 as folders), or,
+  with labels "none" (or "auto" and no class folder in any split), `<split>/<any nesting>/<file>`;
+- no split folders: one tree, `Entry.split == ""` (NO_SPLIT); unlabelled, every file anywhere is
+  an entry (labels "auto" or "none"), or with labels "folders" `<class>/<file>`.
+
 Hidden entries (a name part starting with "." such as `.DS_Store`, and `__MACOSX/`) are skipped
-silently. Files under a class folder are yielded whatever their type, so that the caller can report
-a README or a corrupt JPEG as unreadable; files outside any class folder (`README.md`,
-`train/labels.txt`) are listed in `ImageSource.ignored`. Files in sub-folders of a class folder
-belong to that class, as in torchvision's ImageFolder.
+silently. Files where an image may be are yielded whatever their type, so that the caller can
+report a README or a corrupt JPEG as unreadable; files outside that place (`README.md` or a stray
+`classes.tsv` next to the split folders, `train/labels.txt` in a labelled tree) are listed in
+`ImageSource.ignored`. Files in sub-folders of a class folder belong to that class, as in
+torchvision's ImageFolder.
 """
 
 from __future__ import annotations
@@ -26,12 +34,17 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-REQUIRED_SPLITS = ("train", "test")
+REQUIRED_SPLITS = ("train", "test")  # the splits of a prepared dataset
+EVAL_SPLITS = ("test", "val", "validation")  # folders taken as the evaluation split, in order
+SPLIT_NAMES = ("train", *EVAL_SPLITS)  # folder names that make a source "split-laid-out"
+LABEL_MODES = ("auto", "folders", "none")
+NO_SPLIT = ""  # Entry.split of every file of a source without split folders
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One file under a class folder; `name` is its path below the class folder ('/'-separated)."""
+    """One file of the source; `name` is its path below the class folder, or below the split
+    folder when unlabelled (`class_name == ""`), '/'-separated; `split` is "" without splits."""
 
     split: str
     class_name: str
@@ -40,8 +53,8 @@ class Entry:
 
     @property
     def relpath(self) -> str:
-        """`<split>/<class>/<name>`, without any top-level wrapper folder."""
-        return f"{self.split}/{self.class_name}/{self.name}"
+        """`<split>/<class>/<name>` without the empty parts and any top-level wrapper folder."""
+        return "/".join(part for part in (self.split, self.class_name, self.name) if part)
 
 
 @dataclass(frozen=True)
@@ -136,15 +149,24 @@ class ImageSource:
     `entries` is sorted by (split, class, name); `records()` yields them in that order. A
     compressed tar is read fast only if its members are stored in that order too (otherwise
     every backward step re-reads the stream from the start); zips and folders do not care.
+
+    labels: "folders" (class folders, as torchvision's ImageFolder), "none" (folders below the
+    split are just nesting) or "auto" (class folders iff there are split folders and some split
+    has a sub-folder). `split_names`: top-level folder names that mean "this source has split
+    folders". After construction, `labeled` and `has_splits` say what was found.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, labels: str = "folders",
+                 split_names: Iterable[str] = SPLIT_NAMES) -> None:
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels = {labels!r}: allowed one of {list(LABEL_MODES)}")
         self.path = Path(path).resolve()
         self.kind = source_kind(self.path)
         self._archive: Archive | None = None
         try:
             members = self._open_listing()
-            self.entries, self.ignored = _layout(members, self.path)
+            self.entries, self.ignored, self.labeled, self.has_splits = _layout(
+                members, self.path, labels, set(split_names))
         except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
             self.close()
             raise ValueError(f"cannot read archive {str(self.path)!r}: {err}") from err
@@ -176,7 +198,7 @@ class ImageSource:
 
     @property
     def splits(self) -> list[str]:
-        """Split folder names found, sorted."""
+        """Split folder names found, sorted ([""] without split folders)."""
         return sorted({e.split for e in self.entries})
 
     def classes(self, split: str) -> list[str]:
@@ -276,8 +298,10 @@ def _check_member(member: str, archive: Path) -> PurePosixPath:
     return path
 
 
-def _layout(members: list[str], root: Path) -> tuple[list[Entry], list[str]]:
-    """Map member paths to sorted entries `<split>/<class>/<name>` plus the non-hidden leftovers."""
+def _layout(members: list[str], root: Path, labels: str,
+            split_names: set[str]) -> tuple[list[Entry], list[str], bool, bool]:
+    """Map member paths to sorted entries plus the non-hidden leftovers; also (labeled, has_splits).
+    """
     parts: dict[str, tuple[str, ...]] = {}
     for member in members:
         path = _check_member(member, root)
@@ -287,16 +311,26 @@ def _layout(members: list[str], root: Path) -> tuple[list[Entry], list[str]]:
     # One wrapper folder around the whole tree is dropped (`cifar10/train/...`), unless it is
     # itself a split folder; files next to it stay where they are (and are ignored).
     tops = {p[0] for p in parts.values() if len(p) > 1}
-    if len(tops) == 1 and not tops & set(REQUIRED_SPLITS):
+    if len(tops) == 1 and not tops & split_names:
         parts = {m: p[1:] if len(p) > 1 else p for m, p in parts.items()}
+        tops = {p[0] for p in parts.values() if len(p) > 1}
+    has_splits = bool(tops & split_names)
+    if not has_splits:  # one tree: the split part is empty
+        parts = {m: (NO_SPLIT, *p) for m, p in parts.items()}
+    labeled = labels == "folders" or (labels == "auto" and has_splits and any(
+        len(p) >= 3 for p in parts.values()))
+    depth = 3 if labeled else 2  # <split>/<class>/<file> or <split>/<file>
     entries, ignored = [], []
     for member, p in parts.items():
-        if len(p) >= 3:
+        if len(p) < depth:
+            ignored.append(member)
+        elif labeled:
             entries.append(Entry(p[0], p[1], "/".join(p[2:]), member))
         else:
-            ignored.append(member)
+            entries.append(Entry(p[0], "", "/".join(p[1:]), member))
     entries.sort(key=lambda e: (e.split, e.class_name, e.name))
     if ignored:
-        log.info("%s: %d files outside <split>/<class>/ ignored, e.g. %s", root, len(ignored),
+        where = "<split>/<class>/" if labeled else "the split folders"
+        log.info("%s: %d files outside %s ignored, e.g. %s", root, len(ignored), where,
                  sorted(ignored)[0])
-    return entries, sorted(ignored)
+    return entries, sorted(ignored), labeled, has_splits

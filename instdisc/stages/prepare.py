@@ -1,7 +1,8 @@
 """DVC stage `prepare`: the synthetic set or an image folder/archive -> data/prepared.
 
 params.yaml: `seed`, `prepare`. Writes the prepared dataset (format: docs/DESIGN.md), its
-report.json, and metrics/prepare.json (counts, skipped files, storage, fingerprint).
+report.json, and metrics/prepare.json (counts, skipped files, duplicate groups, labelled or
+not, storage, fingerprint).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params, common = _common.load(args.params, NAME)
     with tracking.run(NAME, {"seed": common.seed, "prepare": params}):
         report = prepare(params, seed=common.seed, out_dir=args.out)
-        counts = report["counts"]
-        metrics = {"fingerprint": report["fingerprint"], "num_classes": len(counts["train"]),
-                   **{f"{split}_images": sum(per_class.values())
-                      for split, per_class in counts.items()},
-                   "skipped": len(report["skipped"]), "storage": report["storage"]}
+        metrics = {"fingerprint": report["fingerprint"], "num_classes": len(report["classes"]),
+                   **{f"{split}_images": info["num_items"]
+                      for split, info in report["splits"].items()},
+                   "skipped": len(report["skipped"]), "storage": report["storage"],
+                   "labeled": report["labeled"], "duplicates": len(report["duplicates"])}
         tracking.set_tags({"dataset.fingerprint": metrics["fingerprint"]})
         _common.finish(NAME, metrics, args.metrics, artifacts=[args.out / "report.json"])
     _common.log.info("prepared %s", {k: v for k, v in metrics.items() if k != "fingerprint"})

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def prepare_params(params: PlacesParams) -> PrepareParams:
     """The `prepare` settings that build the scene dataset."""
-    return PrepareParams(source=params.source, on_error="skip",
+    return PrepareParams(source=params.source, on_error="skip", labels="folders",
                          max_in_memory_size=params.max_in_memory_size,
                          image_size=params.image_size, synthetic=params.synthetic)
 

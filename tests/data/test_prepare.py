@@ -109,7 +109,7 @@ def test_layout_errors_name_what_is_wrong(tmp_path):
         run(tmp_path, write_folder(tmp_path / "a", files))
     only_train = {k: v for k, v in clean_tree().items() if k.startswith("train/")}
     with pytest.raises(ValueError, match="has no test split"):
-        run(tmp_path, write_zip(tmp_path / "b.zip", only_train))
+        run(tmp_path, write_zip(tmp_path / "b.zip", only_train), holdout_fraction=0.0)
     with pytest.raises(ValueError, match=r"image source '.*nowhere' does not exist"):
         run(tmp_path, tmp_path / "nowhere")
     assert not list(tmp_path.glob(".prepared*"))
