@@ -179,15 +179,18 @@ class PretrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """Stage `evaluate`: weighted kNN on recomputed features (Sec. 3.4)."""
+    """Stage `evaluate`: weighted kNN on recomputed features (Sec. 3.4), label-free metrics."""
 
     k: int = 200
     sigma: float = 0.0  # weight exp(sim / sigma); 0 means "use pretrain.temperature"
     batch_size: int = 256
     chunk_size: int = 4096  # query rows scored against the bank at a time
+    label_free_images: int = 1000  # test images for alignment/uniformity/retrieval (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, "k", self.k, ">= 1")
+        _check(0 <= self.label_free_images <= 20000, "label_free_images", self.label_free_images,
+               "0..20000 (0 = off)")
         _check(self.sigma >= 0, "sigma", self.sigma, ">= 0 (0 = pretrain.temperature)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.chunk_size >= 1, "chunk_size", self.chunk_size, ">= 1")

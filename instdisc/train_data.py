@@ -33,9 +33,13 @@ class TrainData:
         self.train = prepared.split("train")
         self.test = prepared.split("test") if "test" in prepared.meta["splits"] else None
         # The kNN monitor scores a fixed, class-stratified subset: prepared splits are sorted by
-        # class, so the first images of the test split would all be of one class.
-        self.monitor = None if self.test is None or params.monitor_queries == 0 else \
+        # class, so the first images of the test split would all be of one class. Without labels
+        # (an unlabelled source) there is nothing to score: knn_top1 is nan.
+        self.monitor = None if self.test is None or params.monitor_queries == 0 \
+            or not prepared.labeled else \
             self.test.subset(stratified_subset(self.test.labels, params.monitor_queries, seed))
+        if not prepared.labeled:
+            log.info("%s has no labels: the per-epoch kNN monitor is off", prepared.root)
         self.num_items = self.train.num_items
         self.num_classes = len(prepared.classes)
         self.train_labels = self.train.labels.to(device)                     # (n,)

@@ -207,7 +207,7 @@ def _split_folders(source: ImageSource, params: PrepareParams) -> dict[str, str 
 
 
 def _check_layout(source: ImageSource, folders: dict[str, str | None]) -> list[str]:
-    """The classes (sorted train class folders; [] unlabelled); ValueError for stray test classes."""
+    """The classes (sorted train class folders; [] unlabelled); ValueError for stray ones."""
     if not source.labeled:
         return []
     classes = source.classes(folders["train"])

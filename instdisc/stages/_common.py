@@ -67,6 +67,22 @@ def check_fingerprint(trained_on: str | None, prepared: Any, encoder_path: Path)
                          f"{prepared.fingerprint[:12]}: re-run pretraining")
 
 
+def no_labels_reason(stage: str) -> str:
+    """Why a stage that needs class labels has nothing to do on an unlabelled prepared dataset."""
+    return (f"no labels: the prepared dataset comes from an unlabelled source (prepare.labels "
+            f"none, or no class folders), and {stage} needs class labels")
+
+
+def skip_without_labels(stage: str, prepared: Any, path: Path) -> dict[str, Any] | None:
+    """On unlabelled data: log why, write {"skipped": reason} as the metrics and return them;
+    None when `prepared` has labels (the stage then runs)."""
+    if prepared.labeled:
+        return None
+    reason = no_labels_reason(stage)
+    log.warning("%s skipped: %s", stage, reason)
+    return finish(stage, {"skipped": reason}, path)
+
+
 def finish(stage: str, metrics: dict[str, Any], path: Path, started: float | None = None,
            artifacts: Sequence[Path] = (), log_metrics: bool = True) -> dict[str, Any]:
     """Write `metrics` (plus `seconds` since `started`, if given) and log them; returns them.

@@ -1,7 +1,13 @@
-"""DVC stage `evaluate`: weighted kNN of the trained and of a random-init encoder.
+"""DVC stage `evaluate`: weighted kNN and label-free metrics of the trained and of a random-init
+encoder.
 
 params.yaml: `seed`, `device`, `evaluate`, `pretrain.temperature` (sigma when `evaluate.sigma` is
-0). Writes metrics/evaluate.json: {"knn": {top1, top5}, "random_init": {"knn": ...}, "k", "sigma"}.
+0) and pretrain's augmentation keys (the views of the label-free metrics). Writes
+metrics/evaluate.json: {"knn": {top1, top5}, "random_init": {"knn": ..., "label_free": ...},
+"k", "sigma", "label_free": {alignment, uniformity, retrieval_top1, images},
+"beats_random_init": {knn_top1, alignment, ...: bool}}; "knn" is {"skipped": why} without labels.
+The flags also go to MLflow as tags `evaluate.beats_random_init.<metric>` (MLflow metrics are
+numbers only).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from instdisc import checkpoint, runtime
+    from instdisc.data.augment import BatchAugment
     from instdisc.data.prepared import PreparedDataset
     from instdisc.evaluate.knn_eval import evaluate_encoder
 
@@ -34,12 +41,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prepared = PreparedDataset.open(args.data)
         encoder, meta = checkpoint.load_encoder(args.encoder, device)
         _common.check_fingerprint(meta.get("fingerprint"), prepared, args.encoder)
+        pre = meta["preprocess"]
+        augment = BatchAugment(  # the training augmentation, with the encoder's mean/std
+            tuple(pre["image_size"]), crop_scale=(pretrain.crop_scale_min, 1.0),
+            color_jitter=pretrain.color_jitter, grayscale_prob=pretrain.grayscale_prob,
+            hflip=pretrain.hflip, hue=pretrain.hue, jitter_prob=pretrain.color_jitter_prob,
+            mean=pre["mean"], std=pre["std"])
         metrics = evaluate_encoder(encoder, meta, prepared, device, k=params.k, sigma=sigma,
                                    batch_size=params.batch_size, chunk_size=params.chunk_size,
-                                   seed=common.seed)
+                                   seed=common.seed, augment=augment,
+                                   label_free_images=params.label_free_images)
+        tracking.set_tags({f"{NAME}.beats_random_init.{name}": str(flag).lower()
+                           for name, flag in metrics["beats_random_init"].items()})
         _common.finish(NAME, metrics, args.metrics)
-    _common.log.info("kNN top-1 %.2f%% (random init %.2f%%)", metrics["knn"]["top1"],
-                     metrics["random_init"]["knn"]["top1"])
+    knn, base = metrics["knn"], metrics["random_init"]["knn"]
+    if "top1" in knn:
+        _common.log.info("kNN top-1 %.2f%% (random init %.2f%%)", knn["top1"], base["top1"])
+    if "label_free" in metrics:
+        _common.log.info("label-free (trained / random init): %s", {
+            name: f"{value:.4g} / {metrics['random_init']['label_free'][name]:.4g}"
+            for name, value in metrics["label_free"].items() if name != "images"})
     return metrics
 
 

@@ -1,7 +1,8 @@
 """DVC stage `linear`: linear probes on frozen conv1..conv5 features of the pretraining data.
 
 params.yaml: `seed`, `device`, `linear`. Protocol: Wu et al. 2018 (arXiv:1805.01978), Sec. 4.2;
-docs/transfer.md. Writes metrics/linear.json ({"top1": {layer: %}, "random_init": ..., "seconds"}).
+docs/transfer.md. Writes metrics/linear.json ({"top1": {layer: %}, "random_init": ..., "seconds"}),
+or {"skipped": reason} when the prepared dataset has no labels.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     with tracking.run(NAME, {"seed": common.seed, "device": str(device), NAME: params}):
         prepared = PreparedDataset.open(args.data)
+        skipped = _common.skip_without_labels(NAME, prepared, args.metrics)
+        if skipped is not None:
+            return skipped
         _common.check_fingerprint(checkpoint.load(args.encoder).get("fingerprint"), prepared,
                                   args.encoder)
         metrics = probe_encoder_file(params, args.encoder, prepared, device, common.seed)

@@ -1,7 +1,8 @@
 """DVC stage `semi_supervised`: fine-tune on 1% / 10% of the labels, pretrained vs. scratch.
 
 params.yaml: `seed`, `device`, `semi_supervised`. Protocol: Wu et al. 2018 (arXiv:1805.01978),
-Sec. 4.3; docs/transfer.md. Writes metrics/semi_supervised.json.
+Sec. 4.3; docs/transfer.md. Writes metrics/semi_supervised.json ({"skipped": reason} when the
+prepared dataset has no labels).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     with tracking.run(NAME, {"seed": common.seed, "device": str(device), NAME: params}):
         prepared = PreparedDataset.open(args.data)
+        skipped = _common.skip_without_labels(NAME, prepared, args.metrics)
+        if skipped is not None:
+            return skipped
         _common.check_fingerprint(checkpoint.load(args.encoder).get("fingerprint"), prepared,
                                   args.encoder)
         metrics = run_semi_supervised(params, args.encoder, prepared, device, common.seed)
