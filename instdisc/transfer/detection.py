@@ -222,5 +222,6 @@ def run_detection(params: DetectionParams, encoder_path: Path, out_dir: Path,
     return {"map": metric["map"], "ap": metric["ap"], "final_loss": loss,
             "iou_threshold": params.iou_threshold,
             "ap_method": "voc07_11point" if params.use_07_metric else "all_point",
-            "dataset": {"source": params.source, "classes": classes, "train": len(train),
-                        "test": len(test)}}
+            "dataset": {"source": params.source, "classes": classes,
+                        "classes_from": "labels.txt" if (root / "labels.txt").is_file()
+                        else "annotations", "train": len(train), "test": len(test)}}

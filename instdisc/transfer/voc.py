@@ -3,9 +3,12 @@
 Layout read (and written by `write_synthetic_voc`):
 
     Annotations/<id>.xml          VOC XML: size, object/name, object/difficult, object/bndbox
-    JPEGImages/<id>.jpg           any mode; decoded with `.convert("RGB")`
+    JPEGImages/<id>.jpg           any format and mode, whatever the extension says (read by
+                                  content, `decode_rgb`); also <id>.<other ext> or <filename>
     ImageSets/Main/<split>.txt    one image id per line (train, val, trainval, test)
-    labels.txt                    class names, one per line (label i + 1; 0 is background)
+    labels.txt                    optional: class names, one per line (label i + 1; 0 is
+                                  background); without it (VOC2007 and most VOC-format exports
+                                  ship none) the sorted object names of all annotations
 
 `<path>` and `<folder>` are ignored. Box coordinates: VOC stores 1-based, inclusive pixel indices;
 they are turned into continuous corners (xmin - 1, ymin - 1, xmax, ymax), so a box's width is the
@@ -29,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from instdisc.data.prepared import atomic_output_dir
-from instdisc.data.sources import Archive
+from instdisc.data.sources import Archive, decode_rgb
 from instdisc.transfer.synthetic_voc import write_synthetic_voc
 
 log = logging.getLogger(__name__)
@@ -92,13 +95,27 @@ def parse_annotation(xml: Path | bytes, where: str | None = None) -> VocAnnotati
 
 
 def read_classes(root: Path) -> list[str]:
-    """Class names from labels.txt (one per line, blank lines skipped)."""
+    """Class names from labels.txt (one per line, blank lines skipped) or, without that file,
+    the sorted distinct object names of every Annotations/*.xml (logged)."""
     path = Path(root) / "labels.txt"
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} not found: a VOC folder needs labels.txt (class names)")
+        return classes_from_annotations(root)
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"{str(path)!r} must list distinct class names, got {names}")
+    return names
+
+
+def classes_from_annotations(root: Path) -> list[str]:
+    """Sorted distinct object names of Annotations/*.xml; ValueError when there are none."""
+    folder = Path(root) / "Annotations"
+    names = sorted({obj.name for xml in sorted(folder.glob("*.xml"))
+                    for obj in parse_annotation(xml).objects})
+    if not names:
+        raise ValueError(f"{str(Path(root))!r} has no labels.txt and no <object> names in "
+                         "Annotations/*.xml: no classes to detect")
+    log.info("%s: no labels.txt; %d classes from the annotations (sorted): %s", root, len(names),
+             names)
     return names
 
 
@@ -124,11 +141,7 @@ def load_split(root: Path, split: str, classes: list[str], min_size: int,
         unknown = sorted({o.name for o in ann.objects} - set(index))
         if unknown:
             raise ValueError(f"{str(xml)!r}: classes {unknown} are not in labels.txt {classes}")
-        path = root / "JPEGImages" / f"{image_id}.jpg"
-        if not path.is_file():
-            path = root / "JPEGImages" / ann.filename
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+        image, _ = decode_rgb(_image_file(root / "JPEGImages", image_id, ann.filename))
         scale = min(min_size / min(image.size), max_size / max(image.size))
         new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
         sx, sy = new_w / image.width, new_h / image.height
@@ -140,6 +153,18 @@ def load_split(root: Path, split: str, classes: list[str], min_size: int,
             boxes, torch.tensor([index[o.name] for o in ann.objects], dtype=torch.int64),
             torch.tensor([o.difficult for o in ann.objects], dtype=torch.bool)))
     return samples
+
+
+def _image_file(folder: Path, image_id: str, filename: str) -> Path:
+    """<id>.jpg, else the annotation's <filename>, else the one <id>.<any extension>."""
+    for path in (folder / f"{image_id}.jpg", folder / filename if filename else None):
+        if path is not None and path.is_file():
+            return path
+    found = sorted(p for p in folder.glob(f"{image_id}.*") if p.is_file())
+    if len(found) != 1:
+        raise ValueError(f"image {image_id!r}: expected {str(folder / image_id)!r}.jpg (or one "
+                         f"{image_id}.* file), found {[p.name for p in found]}")
+    return found[0]
 
 
 def materialize(source: str, out_dir: Path, *, seed: int, num_train: int = 48,

@@ -110,3 +110,35 @@ def test_materialize_rejects_unknown_sources(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"")
     with pytest.raises(ValueError, match=r"expected 'synthetic', a VOC folder or a \.zip"):
         voc.materialize(str(tmp_path / "x.tar"), tmp_path / "out", seed=0)
+
+
+def test_without_labels_txt_classes_come_sorted_from_the_annotations(tmp_path, caplog):
+    src = write_voc(tmp_path / "src")
+    (src / "labels.txt").unlink()
+    (src / "Annotations" / "bird-2.xml").write_text(XML.replace("dog", "bird"))
+    caplog.set_level("INFO")
+    assert voc.read_classes(src) == ["bird", "cat", "dog"]
+    assert "no labels.txt; 3 classes from the annotations" in caplog.text
+    root = voc.materialize(str(src), tmp_path / "out", seed=0)
+    assert not (root / "labels.txt").exists() and voc.read_classes(root) == ["bird", "cat", "dog"]
+    samples = voc.load_split(root, "train", voc.read_classes(root), min_size=20, max_size=40)
+    assert samples[0].labels.tolist() == [2, 3]
+    for xml in (src / "Annotations").glob("*.xml"):
+        xml.write_text("<annotation><filename>x.jpg</filename></annotation>")
+    with pytest.raises(ValueError, match="no labels.txt and no <object> names"):
+        voc.materialize(str(src), tmp_path / "out2", seed=0)
+
+
+def test_images_are_read_by_content_not_by_extension(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    pixels = torch.randint(0, 256, (20, 40, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).numpy()
+    Image.fromarray(pixels).save(root / "JPEGImages" / "cat-1.jpg", format="PNG")  # PNG bytes
+    sample = voc.load_split(root, "train", ["cat", "dog"], min_size=20, max_size=40)[0]
+    assert torch.equal(sample.image, torch.from_numpy(pixels).permute(2, 0, 1))
+    (root / "JPEGImages" / "cat-1.jpg").rename(root / "JPEGImages" / "cat-1.png")
+    sample = voc.load_split(root, "train", ["cat", "dog"], min_size=20, max_size=40)[0]
+    assert torch.equal(sample.image, torch.from_numpy(pixels).permute(2, 0, 1))
+    (root / "JPEGImages" / "cat-1.png").unlink()
+    with pytest.raises(ValueError, match=r"image 'cat-1': expected .*found \[\]"):
+        voc.load_split(root, "train", ["cat", "dog"], min_size=20, max_size=40)
