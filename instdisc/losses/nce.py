@@ -71,7 +71,7 @@ def bank_logits(features: Tensor, bank: Tensor, rows: Tensor, temperature: float
     return dots / temperature  # (B, K)
 
 
-Z_ESTIMATES = ("batch", "fixed")
+Z_ESTIMATES = ("batch", "row", "fixed")
 
 
 class NCELoss(nn.Module):
@@ -86,6 +86,11 @@ class NCELoss(nn.Module):
       smoothed, Z <- mu * Z + (1 - mu) * Z_batch (log space), starting from the first batch.
       The features move fast early on (the exact Z falls ~20x during the first epochs of a
       CIFAR-10 run), so an estimate that follows the current features is what lets NCE learn.
+    - `z_estimate="row"`: every step, one estimate per sample from its own m noise logits,
+      Z(v) ~= n * mean_j exp(v_j . v / tau): Z depends on v (Eq. 4), and a per-sample estimate
+      makes NCE's push away from the noise rows sum to ~1 for every sample, as the softmax's
+      does (large m only: with m = 1 it degenerates to a pairwise logistic loss). `log_z` then
+      holds the batch estimate, for logging; `z_momentum` is not used.
     - `z_estimate="fixed"`: the paper's recipe: the mean over the first `z_batches` batches
       (running logsumexp `z_lse` and count `z_count`), then fixed and logged once; with
       `z_momentum` > 0 it keeps moving afterwards as the EMA above.
@@ -147,7 +152,7 @@ class NCELoss(nn.Module):
         noise = sample_negatives(indices, n, self.num_negatives)  # (B, m)
         rows = torch.cat([indices.unsqueeze(1), noise], dim=1)  # (B, 1+m), column 0 positive
         logits = bank_logits(features, self.bank.features, rows, self.temperature)  # (B, 1+m)
-        log_z = self._update_log_z(logits[:, 1:].detach())  # ()
+        log_z = self._update_log_z(logits[:, 1:].detach())  # () or (B, 1) for "row"
         return nce_loss(logits, log_z, n)
 
     @torch.no_grad()
@@ -169,6 +174,11 @@ class NCELoss(nn.Module):
                          "(log Z = %.4f)", self._seen, self.z, float(self.log_z))
             return estimate
         batch_log_z = batch_lse - torch.log(batch_count.to(batch_lse.dtype)) + log_n  # ()
+        if self.z_estimate == "row":
+            self._count_batch()
+            self.log_z.copy_(batch_log_z)
+            m = noise_logits.shape[1]
+            return torch.logsumexp(noise_logits, dim=1, keepdim=True) - math.log(m) + log_n  # (B, 1)
         if self.z_estimate == "batch":
             self._count_batch()
         mu = self.z_momentum

@@ -130,6 +130,21 @@ def test_batch_z_follows_every_batch():
     assert not loss_fn.z_fixed
 
 
+def test_row_z_is_one_estimate_per_sample_from_its_own_noise_logits():
+    bank = make_bank()
+    loss_fn = NCELoss(bank, num_negatives=9, temperature=0.1, z_estimate="row")
+    features, indices = unit(4, 8, seed=7), torch.tensor([1, 5, 9, 30])
+    torch.manual_seed(8)
+    loss = loss_fn(features, indices)
+    logits = replay_logits(loss_fn, features, indices, seed=8)
+    per_row = torch.tensor([[brute_log_z(r[1:], 50)] for r in logits], dtype=logits.dtype)
+    assert loss.item() == pytest.approx(reference_nce(logits, per_row, 50).item(), rel=1e-5)
+    batch = brute_log_z(logits[:, 1:], 50)
+    assert loss.item() != pytest.approx(
+        reference_nce(logits, torch.tensor(batch, dtype=logits.dtype), 50).item(), rel=1e-3)
+    assert loss_fn.log_z.item() == pytest.approx(batch, rel=1e-6)  # logged: the batch value
+
+
 def test_fixed_z_accumulates_over_first_batches_then_stays_fixed():
     bank = make_bank()
     loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1, z_batches=3, z_estimate="fixed")
@@ -226,7 +241,7 @@ def test_nce_rejects_bad_arguments():
         NCELoss(make_bank(), num_negatives=0, temperature=0.07)
     with pytest.raises(ValueError, match=r"z_momentum must be in \[0, 1\), got 1.0"):
         NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_momentum=1.0)
-    with pytest.raises(ValueError, match=r"z_estimate must be one of \['batch', 'fixed'\], "
+    with pytest.raises(ValueError, match=r"z_estimate must be one of \['batch', 'row', 'fixed'\], "
                                          r"got 'ema'"):
         NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_estimate="ema")
 
