@@ -1,8 +1,9 @@
-"""`instdisc <stage>` (one subcommand per DVC stage) and `instdisc embed | search` (serving tools).
+"""`instdisc <stage>` (one subcommand per DVC stage) and `instdisc embed | search | serve`.
 
 Argument parsing only: a stage subcommand is `instdisc/stages/<stage>.py` (its options, its run),
-`embed` and `search` call `instdisc.serving`. Nothing imports this module. `embed`/`search` need
-only onnxruntime, numpy and Pillow at run time (and mlflow for a registry URI).
+`embed`, `search` and `serve` call `instdisc.serving`. Nothing imports this module. They need only
+onnxruntime, numpy and Pillow at run time (`serve` also fastapi, uvicorn and python-multipart;
+mlflow for a registry URI): importing this module imports neither torch, dvc nor prefect.
 """
 
 from __future__ import annotations
@@ -21,16 +22,41 @@ log = logging.getLogger("instdisc")
 STAGE_MODULES = (prepare, pretrain, evaluate, export, linear, places, semi_supervised, detection)
 
 
-def _open_embedder(args: argparse.Namespace):
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def _open_embedder(args: argparse.Namespace, strict: bool | None = None):
     from instdisc.serving.embedder import Embedder
 
     model = str(args.model)
-    if "://" in model or model.startswith(("models:/", "runs:/")):
+    if _is_uri(model):
         from instdisc import tracking
 
         model = tracking.download_onnx_model(model)
-    return Embedder(model, device=args.device, strict=args.strict_device,
+    return Embedder(model, device=args.device,
+                    strict=args.strict_device if strict is None else strict,
                     batch_size=args.batch_size, threads=args.threads)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve /embed, /search, /health, /ready, /metadata over HTTP (blocks until stopped)."""
+    from instdisc.serving.app import Limits, create_app, serve
+    from instdisc.serving.search import load_index
+
+    version = None
+    if _is_uri(str(args.model)) and str(args.model).startswith("models:/"):
+        from instdisc import tracking
+
+        version = tracking.registry_version(str(args.model))
+    given = {key: getattr(args, key) for key in ("max_body_bytes", "max_pixels", "max_images",
+                                                 "max_k")}
+    limits = Limits(**{key: value for key, value in given.items() if value is not None})
+    index = load_index(args.index) if args.index else None
+    app = create_app(_open_embedder(args, strict=not args.allow_cpu_fallback), index=index,
+                     model_version=version, limits=limits, max_batch=args.max_batch,
+                     max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads)
+    serve(app, host=args.host, port=args.port)
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -60,14 +86,15 @@ def cmd_search(args: argparse.Namespace) -> None:
         log.info("wrote %s", args.grid)
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+def _add_runtime_args(p: argparse.ArgumentParser, strict_flag: bool = True) -> None:
     p.add_argument("--model", default=str(_common.ONNX_MODEL),
                    help="ONNX file, or a registry URI such as models:/instdisc-encoder@candidate "
                         "(default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime provider: cuda first, cpu, or auto (default: %(default)s)")
-    p.add_argument("--strict-device", action="store_true",
-                   help="fail instead of falling back to the CPU when CUDA cannot be used")
+    if strict_flag:
+        p.add_argument("--strict-device", action="store_true",
+                       help="fail instead of falling back to the CPU when CUDA cannot be used")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per run (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
@@ -101,6 +128,34 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_search)
+    _add_serve(sub)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    text = "Serve the encoder (and an index) over HTTP: /embed, /search, /ready, /metadata."
+    p = sub.add_parser("serve", help=text, description=text)
+    _add_runtime_args(p, strict_flag=False)
+    p.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="start on the CPU when CUDA was asked for (--device cuda, or auto on a "
+                        "host with an NVIDIA driver) but cannot be used; default: refuse")
+    p.add_argument("--index", type=Path, default=None,
+                   help="index folder written by `instdisc embed`, for /search")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most images grouped into one session run (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long the first request of a group waits for others "
+                        "(default: %(default)s)")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="image decoding threads (default: min(4, CPU count))")
+    for flag, what in [("--max-body-bytes", "largest request body, else 413 (default: 16 MiB)"),
+                       ("--max-pixels", "largest image, width x height read before decoding, "
+                                        "else 413 (default: 40 million)"),
+                       ("--max-images", "most files in one multipart request (default: 64)"),
+                       ("--max-k", "largest k for /search (default: 1000)")]:
+        p.add_argument(flag, type=int, default=None, help=what)  # defaults: serving.app.Limits
+    p.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

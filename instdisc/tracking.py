@@ -244,6 +244,19 @@ def download_onnx_model(uri: str, dst_path: Path | None = None) -> Path:
     return found[0]
 
 
+def registry_version(uri: str) -> str | None:
+    """The version number `models:/name@alias` or `models:/name/N` names; None for other URIs."""
+    if not uri.startswith("models:/"):
+        return None
+    name, _, rest = uri[len("models:/"):].partition("@")
+    if rest:
+        from mlflow import MlflowClient
+
+        return str(MlflowClient(tracking_uri()).get_model_version_by_alias(name, rest).version)
+    name, _, version = name.partition("/")
+    return version or None
+
+
 # ---- parent runs (created by the Prefect flows, outside any stage process)
 
 def start_parent_run(root: Path, run_name: str, tags: Mapping[str, Any],

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,3 +74,26 @@ def write_images(folder: Path, count: int, size: int = IMAGE_SIZE, seed: int = 0
         Image.fromarray(pixels).save(path)
         paths.append(path)
     return paths
+
+
+@contextlib.contextmanager
+def running_server(app, timeout: float = 30.0) -> Iterator[str]:
+    """Run an ASGI app with a real uvicorn server on 127.0.0.1 (a free port) in a thread;
+    yields its base URL and stops the server on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

@@ -16,6 +16,8 @@ def tiny(tmp_path_factory):
     ("export", ["--params", "--encoder", "--data", "--out", "--metrics"]),
     ("embed", ["--output", "--model", "--device", "--strict-device", "--shard-size"]),
     ("search", ["--index", "-k", "--grid", "--chunk-size", "--model", "--device"]),
+    ("serve", ["--model", "--index", "--host", "--port", "--max-batch", "--max-wait-ms",
+               "--max-body-bytes", "--max-pixels", "--allow-cpu-fallback", "--threads"]),
 ])
 def test_every_serving_subcommand_has_help(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,337 @@
+"""`instdisc serve`: an HTTP embedding service (FastAPI + uvicorn) on one ONNX Runtime session.
+
+    POST /embed     one image as the body (Content-Type image/* or application/octet-stream), or
+                    multipart/form-data with one or more files -> unit-norm vectors + model hash
+    POST /search    one image (same body forms), ?k=10 -> top-k ids and cosine scores of the index
+    GET  /health    the process answers
+    GET  /ready     model loaded and running on the provider that was asked for (else 503)
+    GET  /metadata  model sha256 / registry version, input size, feature dim, provider, limits
+
+Every bad request gets a 4xx JSON body `{"error": "<what is wrong>"}` and the service carries on:
+400 unreadable, truncated or empty image, empty batch; 413 body over `max_body_bytes` or image
+over `max_pixels` (checked from the header, before decoding: decompression bombs); 415 another
+Content-Type; 422 bad query values. Concurrent requests are grouped onto the session by
+`MicroBatcher`; images are decoded on a small thread pool so decoding does not starve ORT's
+intra-op threads. Needs fastapi, uvicorn, python-multipart, onnxruntime, numpy and Pillow only:
+no torch, dvc or prefect (tests/serving/test_app.py checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from instdisc.data.sources import DECODE_ERRORS, decode_rgb
+from instdisc.io import file_sha256
+from instdisc.serving.embedder import Embedder
+from instdisc.serving.search import Index, search
+
+log = logging.getLogger(__name__)
+
+RAW_TYPES = ("application/octet-stream",)  # besides image/*
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send; over a limit is a 4xx, never a crash or an OOM."""
+
+    max_body_bytes: int = 16 * 2**20
+    max_pixels: int = 40_000_000  # per image, read from the header before decoding
+    max_images: int = 64  # files per multipart request
+    max_k: int = 1000
+
+    def __post_init__(self) -> None:
+        for key, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise ValueError(f"{key} = {value}: must be >= 1")
+
+
+class RequestError(Exception):
+    """A client error: HTTP `status` and a message naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class MicroBatcher:
+    """Runs `run(batch)` once for the images of all requests that arrive within `max_wait_s` of
+    each other, up to `max_batch` images (a single larger request runs alone), on one thread.
+
+    `submit(pixels)` with uint8 (n, H, W, 3) returns a Future of the (n, D) rows for it.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 64,
+                 max_wait_s: float = 0.002) -> None:
+        if max_batch < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch = {max_batch} must be >= 1 and max_wait_s = "
+                             f"{max_wait_s} >= 0")
+        self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self.batches = self.images = 0  # counters for /metadata
+        self._queue: queue.Queue = queue.Queue()
+        self._carry: tuple[np.ndarray, Future] | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self.running:
+            self._queue.put(None)
+            self._thread.join()
+
+    def submit(self, pixels: np.ndarray) -> Future:
+        future: Future = Future()
+        self._queue.put((pixels, future))
+        return future
+
+    def _loop(self) -> None:
+        while (group := self._next_group()) is not None:
+            self._run_group(group)
+
+    def _next_group(self) -> list[tuple[np.ndarray, Future]] | None:
+        first, self._carry = self._carry or self._queue.get(), None
+        if first is None:
+            return None
+        group, count = [first], len(first[0])
+        deadline = time.monotonic() + self.max_wait_s
+        while count < self.max_batch and (wait := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                break
+            if item is None or count + len(item[0]) > self.max_batch:
+                self._carry = item  # a stop or the next group's first request
+                if item is None:
+                    self._queue.put(None)
+                    self._carry = None
+                break
+            group.append(item)
+            count += len(item[0])
+        return group
+
+    def _run_group(self, group: list[tuple[np.ndarray, Future]]) -> None:
+        batch = np.concatenate([pixels for pixels, _ in group])                 # (B, H, W, 3)
+        try:
+            out = self.run(batch)                                               # (B, D)
+        except Exception as err:  # handed to every waiting request, the thread keeps serving
+            for _, future in group:
+                future.set_exception(err)
+            return
+        self.batches, self.images = self.batches + 1, self.images + len(batch)
+        start = 0
+        for pixels, future in group:
+            future.set_result(out[start:start + len(pixels)])                  # (n, D)
+            start += len(pixels)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a Content-Length over `max_bytes` before reading anything, and
+    for a streamed (chunked) body as soon as it passes `max_bytes`."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await _too_large(self.max_bytes, int(length))(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int, size: int | None = None) -> JSONResponse:
+    got = f"{size} bytes" if size is not None else "more"
+    return JSONResponse({"error": f"request body too large: {got}, the limit is {limit} bytes "
+                                  "(--max-body-bytes)"}, status_code=413)
+
+
+def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Encoded image bytes -> RGB image; RequestError naming `name` and the problem."""
+    if not data:
+        raise RequestError(400, f"{name}: empty image (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+    except Image.DecompressionBombError as err:
+        raise RequestError(413, f"{name}: {err}") from None
+    except DECODE_ERRORS:
+        raise RequestError(400, f"{name}: not an image (Pillow cannot identify the bytes)") from None
+    if width * height > max_pixels:
+        raise RequestError(413, f"{name}: {width}x{height} = {width * height} pixels, over the "
+                                f"limit of {max_pixels} per image (--max-pixels)")
+    try:
+        return decode_rgb(data)[0]
+    except DECODE_ERRORS as err:
+        raise RequestError(400, f"{name}: cannot decode the image ({err}): truncated or "
+                                "corrupt?") from None
+
+
+async def read_images(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every image in the request body (raw or multipart)."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        form = await request.form(max_files=limits.max_images, max_fields=limits.max_images,
+                                  max_part_size=limits.max_body_bytes)
+        files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
+                 if isinstance(value, UploadFile)]
+        if not files:
+            raise RequestError(400, "empty batch: the multipart body has no file parts")
+        return files
+    if media.startswith("image/") or media in RAW_TYPES:
+        body = await request.body()
+        if not body:
+            raise RequestError(400, "empty body: send the encoded image bytes")
+        return [("body", body)]
+    raise RequestError(415, f"unsupported Content-Type {content_type or '(none)'!r}: send one "
+                            "image as image/* or application/octet-stream, or files as "
+                            "multipart/form-data")
+
+
+def create_app(embedder: Embedder, *, index: Index | None = None,
+               model_version: str | None = None, limits: Limits = Limits(),
+               max_batch: int = 64, max_wait_ms: float = 2.0,
+               decode_threads: int | None = None) -> FastAPI:
+    """The FastAPI app serving `embedder` (and `index` for /search); see the module docstring."""
+    if index is not None:
+        index.check_model(embedder)
+    sha256 = file_sha256(embedder.model_path)
+    model = {"sha256": sha256, "version": model_version, "file": embedder.model_path.name}
+    batcher = MicroBatcher(embedder.run, max_batch, max_wait_ms / 1000)
+    decoders = ThreadPoolExecutor(decode_threads or min(4, os.cpu_count() or 1),
+                                  thread_name_prefix="decode")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        log.info("serving %s (sha256 %s) on %s%s", embedder.model_path, sha256[:12],
+                 embedder.provider, f" with an index of {len(index.ids)}" if index else "")
+        yield
+        batcher.stop()
+        decoders.shutdown(wait=False)
+
+    app = FastAPI(title="instdisc embedding service", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    _add_error_handlers(app, limits)
+
+    def prepare(name: str, data: bytes) -> np.ndarray:
+        return embedder.prepare(decode_upload(data, name, limits.max_pixels))  # (H, W, 3)
+
+    async def embed_files(files: list[tuple[str, bytes]]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(*(loop.run_in_executor(decoders, prepare, name, data)
+                                        for name, data in files))
+        return await asyncio.wrap_future(batcher.submit(np.stack(pixels)))      # (n, D)
+
+    @app.post("/embed")
+    async def embed(request: Request) -> dict[str, Any]:
+        vectors = await embed_files(await read_images(request, limits))         # (n, D)
+        return {"model": model, "count": len(vectors), "dim": int(vectors.shape[1]),
+                "embeddings": vectors.tolist()}
+
+    @app.post("/search")
+    async def search_index(request: Request, k: int = Query(10, ge=1, le=limits.max_k)):
+        if index is None:
+            raise RequestError(404, "this server has no index: start it with --index <folder "
+                                    "written by instdisc embed>")
+        files = await read_images(request, limits)
+        if len(files) != 1:
+            raise RequestError(400, f"/search takes one image, got {len(files)}")
+        query = await embed_files(files)                                        # (1, D)
+        loop = asyncio.get_running_loop()
+        scores, rows = await loop.run_in_executor(None, search, index.embeddings, query, k)
+        return {"model": model, "k": k, "hits": [
+            {"id": index.ids[r], "score": float(s)} for r, s in zip(rows[0], scores[0])]}
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        active = embedder.provider == embedder.requested
+        body = {"ready": batcher.running and active, "model_loaded": True,
+                "provider": embedder.provider, "requested_provider": embedder.requested,
+                "provider_active": active, "batcher_running": batcher.running}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metadata")
+    def metadata() -> dict[str, Any]:
+        info = embedder.info
+        return {"model": model, "image_size": list(info.image_size), "resize": info.resize,
+                "feature_dim": info.feature_dim, "input_format": info.input_format,
+                "provider": embedder.provider, "device": embedder.device, "info": info.as_dict(),
+                "index": None if index is None else {"num_items": len(index.ids),
+                                                     "path": str(index.root)},
+                "limits": dataclasses.asdict(limits),
+                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                             "batches": batcher.batches, "images": batcher.images}}
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
+    """Every error leaves as {"error": message} with its status."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
+        return _too_large(limits.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return JSONResponse({"error": problems}, status_code=422)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run `app` with uvicorn in this process (one worker: one ORT session owns the cores)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
