@@ -133,9 +133,20 @@ class PretrainParams:
     compile: bool = False
     num_workers: int = 4  # DataLoader workers for file-backed datasets
     monitor_queries: int = 1000  # test images used by the per-epoch kNN monitor (0 = off)
+    # Processes (GPUs) per machine: > 1 makes the stage launch itself under torchrun
+    # (instdisc.runtime.launch_command), so `dvc repro` records multi-GPU runs in dvc.lock.
+    nproc_per_node: int = 1
+    nnodes: int = 1  # machines; > 1 needs rdzv_endpoint, the c10d rendezvous "host:port"
+    rdzv_endpoint: str = ""  # "": a single machine (torchrun --standalone)
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
+        _check(self.nproc_per_node >= 1, "nproc_per_node", self.nproc_per_node, ">= 1")
+        _check(self.nnodes >= 1, "nnodes", self.nnodes, ">= 1")
+        _check(self.nnodes == 1 or _is_endpoint(self.rdzv_endpoint), "rdzv_endpoint",
+               self.rdzv_endpoint, 'a "host:port" rendezvous address when nnodes > 1')
+        _check(not self.rdzv_endpoint or _is_endpoint(self.rdzv_endpoint), "rdzv_endpoint",
+               self.rdzv_endpoint, '"" or "host:port"')
         _check(0.0 < self.width <= 4.0, "width", self.width, "(0, 4]")
         _check(self.feature_dim >= 1, "feature_dim", self.feature_dim, ">= 1")
         _check(self.num_negatives >= 1, "num_negatives", self.num_negatives, ">= 1")
@@ -362,6 +373,12 @@ SECTIONS: dict[str, type] = {
     "semi_supervised": SemiSupervisedParams,
     "detection": DetectionParams,
 }
+
+
+def _is_endpoint(address: str) -> bool:
+    """`host:port` with a numeric port (torchrun's --rdzv-endpoint)."""
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit()
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

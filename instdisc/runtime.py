@@ -6,6 +6,8 @@ import dataclasses
 import logging
 import os
 import random
+import sys
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +83,34 @@ def init_distributed(device_name: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if use_nccl else "gloo")
     log.info("distributed: rank %d/%d (local rank %d)", rank, world_size, local_rank)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def inside_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True in a process that torchrun started (it sets LOCAL_RANK and WORLD_SIZE)."""
+    env = os.environ if environ is None else environ
+    return "LOCAL_RANK" in env or "WORLD_SIZE" in env
+
+
+def launch_command(module: str, args: Sequence[str], nproc_per_node: int, nnodes: int = 1,
+                   rdzv_endpoint: str = "", environ: Mapping[str, str] | None = None
+                   ) -> list[str] | None:
+    """The torchrun command that runs `python -m <module> <args>` once per process, or None
+    when this process should just run (one process per node, or already under torchrun).
+
+    One machine: `--standalone` (a local rendezvous on a free port). Several: every machine
+    runs the same command and they meet at the c10d rendezvous `rdzv_endpoint`
+    (torchrun assigns the node ranks). torchrun itself is `python -m torch.distributed.run`
+    of this interpreter, so the workers use the same environment.
+    """
+    if (nproc_per_node <= 1 and nnodes <= 1) or inside_torchrun(environ):
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes > 1:
+        command += [f"--nnodes={nnodes}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={module}"]
+    else:
+        command.append("--standalone")
+    return [*command, "-m", module, *args]
 
 
 def barrier() -> None:

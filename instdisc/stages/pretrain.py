@@ -1,7 +1,9 @@
 """DVC stage `pretrain`: InstDisc training -> models/encoder.pt, metrics, per-epoch plots.
 
-params.yaml: `seed`, `device`, `pretrain`. Runs under torchrun too (every rank trains, only rank 0
-writes outputs and MLflow runs). The encoder file holds no run id or timing, so the same inputs
+params.yaml: `seed`, `device`, `pretrain`. With `pretrain.nproc_per_node` > 1 (or `nnodes` > 1)
+the stage re-runs itself under torchrun, so `dvc repro` and `dvc exp run -S
+pretrain.nproc_per_node=8` train on several GPUs and dvc.lock records it; every rank trains, only
+rank 0 writes outputs and MLflow runs. The encoder file holds no run id or timing, so the same inputs
 give the same bytes (the MLflow run records which run wrote it).
 """
 
@@ -9,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from instdisc import tracking
+from instdisc.errors import StageError
 from instdisc.io import file_sha256
 from instdisc.stages import _common
 
 NAME = "pretrain"
+MODULE = "instdisc.stages.pretrain"  # what torchrun runs when nproc_per_node > 1
 HELP = "Train the encoder by instance discrimination."
 HISTORY_COLUMNS = ("loss", "knn_top1", "z", "images_per_second")
 
@@ -32,12 +37,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of the history CSV/PNG (default: %(default)s)")
 
 
+def stage_arguments(args: argparse.Namespace) -> list[str]:
+    """This invocation's options, for the processes torchrun starts."""
+    return ["--params", str(args.params), "--data", str(args.data), "--metrics",
+            str(args.metrics), "--out", str(args.out), "--checkpoint", str(args.checkpoint),
+            "--plots", str(args.plots)]
+
+
+def launch(command: list[str]) -> dict[str, Any]:
+    """Run the stage as `command` (torchrun); its workers write the outputs. Returns {}."""
+    _common.log.info("pretrain.nproc_per_node > 1: launching %s", " ".join(command[1:]))
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise StageError(f"torchrun exited with {code} (see the worker logs above)")
+    return {}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (resuming if possible) and write every output of the stage; returns the metrics."""
     from instdisc import checkpoint, plots, runtime
     from instdisc.train import fit, preprocess_meta
 
     params, common = _common.load(args.params, NAME)
+    command = runtime.launch_command(MODULE, stage_arguments(args), params.nproc_per_node,
+                                     params.nnodes, params.rdzv_endpoint)
+    if command is not None:
+        return launch(command)
     dist = runtime.init_distributed(common.device)
     device = runtime.resolve_device(common.device, dist.local_rank)
     _common.log.info("pretraining %s (width %.3g) with the %s loss on %s", params.arch,
