@@ -197,11 +197,16 @@ def _requirement(dist: str) -> str:
 
 def log_onnx_model(path: Path, registered_model_name: str | None = None, alias: str | None = None,
                    *, metadata: Mapping[str, Any] | None = None,
-                   version_tags: Mapping[str, Any] | None = None) -> str | None:
+                   version_tags: Mapping[str, Any] | None = None,
+                   input_example: Any = None, output_example: Any = None,
+                   metrics: Mapping[str, Any] | None = None) -> str | None:
     """Log an ONNX file as the active run's model; register it and point `alias` at the version.
 
     The file is stored as one `model.onnx` (no external-data sidecar), with an `MLmodel` whose
-    pip requirements name onnxruntime-gpu (set explicitly: inferring them costs seconds).
+    pip requirements name onnxruntime-gpu (set explicitly: inferring them costs seconds). With
+    `input_example` (a uint8 (B, H, W, 3) batch, B >= 2) and the model's `output_example`, the
+    model gets a tensor signature and that example, so `mlflow models serve` accepts
+    `{"inputs": <array>}`. `metrics` are logged to the run *and* linked to the logged model.
     Returns the registered version (None without an active run or without a registered name).
     """
     if not _active():
@@ -209,10 +214,18 @@ def log_onnx_model(path: Path, registered_model_name: str | None = None, alias: 
     import mlflow
     import mlflow.onnx
 
+    signature = None
+    if input_example is not None:
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(input_example, output_example)
     info = mlflow.onnx.log_model(
         Path(path).read_bytes(), name="model", registered_model_name=registered_model_name,
-        save_as_external_data=False, metadata=dict(metadata or {}),
+        save_as_external_data=False, metadata=dict(metadata or {}), signature=signature,
+        input_example=input_example,
         pip_requirements=[_requirement(d) for d in ("onnxruntime-gpu", "numpy", "pillow")])
+    if metrics:
+        mlflow.log_metrics(numeric(metrics), model_id=info.model_id)
     if registered_model_name is None:
         return None
     version = str(info.registered_model_version)

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if params.register:
             metrics["registry"] = register(params, out, exported["fp32"], metrics, run_id,
                                            train_run_id=tracking.find_run(
-                                               _common.ENCODER_TAG, file_sha256(args.encoder)))
+                                               _common.ENCODER_TAG, file_sha256(args.encoder)),
+                                           example=images[:2])
         _common.finish(NAME, metrics, args.metrics)
     parity = metrics["parity"]
     _common.log.info("exported %s: parity max |diff| %.2e, min cosine %.7f%s", out,
@@ -76,14 +77,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(params: Any, path: Path, info: Any, metrics: dict[str, Any], run_id: str | None,
-             train_run_id: str | None) -> dict[str, Any]:
-    """Log the ONNX file as this run's model, register it, point the alias at the version."""
+             train_run_id: str | None, example: Any) -> dict[str, Any]:
+    """Log the ONNX file as this run's model, register it, point the alias at the version.
+
+    `example` (uint8 (2, H, W, 3) test images) and the model's output on it give the logged
+    model its signature and input example; the parity numbers are linked to the logged model.
+    """
+    from instdisc.serving.embedder import Embedder
+
     info = dataclasses.replace(info, export_run_id=run_id or "", train_run_id=train_run_id or "")
+    if len(example) == 1:  # a batch-1 example would fix the signature's batch to 1
+        example = example.repeat(2, axis=0)                                    # (2, H, W, 3)
+    output = Embedder(path, device="cpu").run(example)                         # (2, D)
+    linked = {f"{key}.{k}": v for key in ("parity", "fp16_parity", "int8_parity")
+              if key in metrics for k, v in metrics[key].items()}
     version = tracking.log_onnx_model(
         path, params.model_name, params.alias, metadata={"instdisc": info.as_dict()},
         version_tags={"opset": params.opset, "image_size": list(info.image_size),
                       "parity.max_abs_diff": metrics["parity"]["max_abs_diff"],
-                      "train_run_id": train_run_id or "", "export_run_id": run_id or ""})
+                      "train_run_id": train_run_id or "", "export_run_id": run_id or ""},
+        input_example=example, output_example=output, metrics=linked)
     return {"model_name": params.model_name, "alias": params.alias, "version": version,
             "run_id": run_id}
 

@@ -190,3 +190,78 @@ def test_static_spatial_fallback_when_dynamic_height_width_cannot_export(tiny, t
     assert calls == [True, False] and not info.dynamic_spatial
     assert "dynamic height/width export failed (Constraints violated (height)!" in caplog.text
     assert Embedder(tmp_path / "m.onnx", device="cpu").info.dynamic_spatial is False
+
+
+def _register_tiny(stage_dir) -> dict:
+    _write_params(stage_dir, parity_batch=4)
+    assert cli.main(["export"]) == 0
+    return json.loads((stage_dir / "metrics" / "export.json").read_text())
+
+
+def test_registered_model_has_a_signature_an_example_and_linked_metrics(stage_dir):
+    registry = _register_tiny(stage_dir)["registry"]
+    import mlflow
+
+    version = mlflow.MlflowClient().get_model_version_by_alias("instdisc-encoder", "candidate")
+    assert str(version.version) == registry["version"]
+    model = mlflow.models.get_model_info("models:/instdisc-encoder@candidate")
+    inputs = model.signature.inputs.to_dict()[0]
+    assert inputs["tensor-spec"] == {"dtype": "uint8", "shape": (-1, 32, 32, 3)}
+    outputs = model.signature.outputs.to_dict()[0]
+    assert outputs["tensor-spec"] == {"dtype": "float32", "shape": (-1, FEATURE_DIM)}
+    assert model.saved_input_example_info is not None
+    logged = mlflow.get_logged_model(model.model_id)
+    assert {m.key for m in logged.metrics} >= {"parity.max_abs_diff", "parity.min_cosine"}
+    pyfunc = mlflow.pyfunc.load_model("models:/instdisc-encoder@candidate")
+    images = random_images(3)
+    out = pyfunc.predict(images)
+    got = next(iter(out.values())) if isinstance(out, dict) else np.asarray(out)
+    np.testing.assert_allclose(got, Embedder(stage_dir / "models" / "encoder.onnx",
+                                             device="cpu").run(images), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_array_input(stage_dir, mlflow_db):
+    """`mlflow models serve -m models:/instdisc-encoder@candidate` on loopback, array in."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    _register_tiny(stage_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    log_file = open(stage_dir / "serve.log", "w")  # a pipe could fill up and block it
+    server = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", "models:/instdisc-encoder@candidate",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        stdout=subprocess.DEVNULL, stderr=log_file, text=True,  # it execs `uvicorn`:
+        env={**os.environ, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (stage_dir / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        images = random_images(2)
+        response = httpx.post(f"http://127.0.0.1:{port}/invocations",
+                              json={"inputs": images.tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        got = np.asarray(next(iter(predictions.values())) if isinstance(predictions, dict)
+                         else predictions, np.float32)
+        expected = Embedder(stage_dir / "models" / "encoder.onnx", device="cpu").run(images)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(30)
+        log_file.close()
