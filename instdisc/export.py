@@ -219,22 +219,11 @@ def parity_images(prepared_dir: Path, count: int, image_size: tuple[int, int],
     Files (manifest storage) go through the serving preprocessing (`fit_image`), so the check
     covers what production feeds the model.
     """
-    from PIL import Image
-
     from instdisc.data.prepared import PreparedDataset
 
-    prepared = PreparedDataset.open(prepared_dir)
-    split = prepared.split("test" if "test" in prepared.meta["splits"] else "train")
-    rows = np.unique(np.linspace(0, split.num_items - 1, min(count, split.num_items)).round())
-    rows = rows.astype(np.int64)
-    if split.images is not None:
-        images = split.images.numpy()[rows]                                      # (n, h, w, 3)
-        if tuple(images.shape[1:3]) == tuple(image_size):
-            return np.ascontiguousarray(images)
-        sources = [Image.fromarray(image, "RGB") for image in images]
-    else:
-        sources = [load_rgb(split.paths[r]) for r in rows]
-    return np.stack([fit_image(s, image_size, resize) for s in sources])       # (n, H, W, 3)
+    splits = PreparedDataset.open(prepared_dir).meta["splits"]
+    return split_pixels(prepared_dir, "test" if "test" in splits else "train", count, image_size,
+                        resize)[0]
 
 
 class Variant(NamedTuple):
@@ -250,10 +239,11 @@ class Variant(NamedTuple):
 
 def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
                  variants: list[Variant], dynamic_spatial: bool,
-                 metrics: dict[str, Any]) -> dict[str, ModelInfo]:
+                 metrics: dict[str, Any], int8: Int8Gate | None = None) -> dict[str, ModelInfo]:
     """Export every variant to a staged file, check parity, then move all into place together.
 
-    Parity results go into `metrics` ("parity", "fp16_parity"); on any failure no
+    With `int8`, the staged fp32 file is also quantized and kNN-gated (`int8_knn_gate`).
+    Parity results go into `metrics` ("parity", "fp16_parity", "int8_parity"); on any failure no
     file is moved and StageError names the numbers and their bounds.
     """
     staged, exported = [], {}
@@ -271,9 +261,132 @@ def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
                 raise StageError(f"{v.name} ONNX parity failed on {parity['num_images']} images: "
                                  f"max |diff| {parity['max_abs_diff']:.3e} (bound {v.atol}), min "
                                  f"cosine {parity['min_cosine']:.7f} (bound {v.min_cosine})")
+        if int8 is not None:
+            assert variants[0].name == "fp32", "int8 is quantized from the staged fp32 file"
+            exported["int8"] = _stage_int8(int8, staged[0][0], exported["fp32"], staged, metrics)
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+    return exported
+
+
+# ---- INT8 for CPU serving: static quantization, gated on kNN top-1
+
+KNN_K, KNN_SIGMA = 20, 0.1  # the int8 gate compares fp32 and int8 with the same kNN classifier
+
+
+class Int8Gate(NamedTuple):
+    """The INT8 file to write, its calibration images and the labelled kNN data of its gate."""
+
+    path: Path
+    calibration: np.ndarray  # uint8 (C, H, W, 3), prepared training images
+    bank: np.ndarray  # uint8 (N, H, W, 3) training images, the kNN memory
+    bank_labels: np.ndarray  # int64 (N,)
+    queries: np.ndarray  # uint8 (Q, H, W, 3) test images
+    query_labels: np.ndarray  # int64 (Q,)
+    num_classes: int
+    max_knn_drop: float  # points of kNN top-1 int8 may lose against fp32
+
+
+def split_pixels(prepared_dir: Path, split_name: str, count: int, image_size: tuple[int, int],
+                 resize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `count` evenly spaced images of one prepared split as uint8 (n, H, W, 3) at the
+    model input (serving preprocessing for other sizes), with their int64 (n,) labels."""
+    from PIL import Image
+
+    from instdisc.data.prepared import PreparedDataset
+
+    split = PreparedDataset.open(prepared_dir).split(split_name)
+    rows = np.unique(np.linspace(0, split.num_items - 1, min(count, split.num_items)).round())
+    rows = rows.astype(np.int64)                                                 # (n,)
+    labels = split.labels.numpy()[rows]                                          # (n,)
+    if split.images is not None:
+        images = split.images.numpy()[rows]                                      # (n, h, w, 3)
+        if tuple(images.shape[1:3]) == tuple(image_size):
+            return np.ascontiguousarray(images), labels
+        sources = [Image.fromarray(image, "RGB") for image in images]
+    else:
+        sources = [load_rgb(split.paths[r]) for r in rows]
+    return np.stack([fit_image(s, image_size, resize) for s in sources]), labels  # (n, H, W, 3)
+
+
+class _Calibration:
+    """onnxruntime.quantization CalibrationDataReader over uint8 batches of 32 images."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.batches = iter([{INPUT: images[i:i + 32]} for i in range(0, len(images), 32)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray,
+                  info: ModelInfo) -> ModelInfo:
+    """ONNX Runtime static quantization of `fp32_path` to `path`: QDQ, int8 weights per channel,
+    uint8 activations with min/max ranges from `calibration` (uint8 (C, H, W, 3)). The uint8 input,
+    the in-graph normalisation and the float32 unit-norm output stay as they are."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), _Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+    info = dataclasses.replace(info, dtype="int8")
+    del proto.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    strip_provenance(proto)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    atomic_write(Path(path), lambda handle: handle.write(data))
+    return info
+
+
+def int8_knn_gate(fp32_path: Path, int8_path: Path, gate: Int8Gate) -> dict[str, Any]:
+    """Weighted-kNN top-1 on the test queries with fp32 and with int8 embeddings (each model
+    embeds both bank and queries, on the CPU); passed when int8 loses <= gate.max_knn_drop."""
+    from instdisc.evaluate.knn import knn_accuracy
+
+    result: dict[str, Any] = {"k": KNN_K, "sigma": KNN_SIGMA, "num_bank": len(gate.bank),
+                              "num_queries": len(gate.queries)}
+    embedded = {}
+    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        embedder = Embedder(path, device="cpu", batch_size=256)
+        bank, queries = embedder.embed(gate.bank), embedder.embed(gate.queries)  # (N, D), (Q, D)
+        embedded[name] = queries
+        accuracy = knn_accuracy(torch.from_numpy(bank), torch.from_numpy(gate.bank_labels),
+                                torch.from_numpy(queries), torch.from_numpy(gate.query_labels),
+                                gate.num_classes, k=KNN_K, sigma=KNN_SIGMA)
+        result[f"{name}_knn_top1"] = accuracy["top1"]
+    result["knn_drop"] = result["fp32_knn_top1"] - result["int8_knn_top1"]
+    cosine = (embedded["fp32"] * embedded["int8"]).sum(1)                       # (Q,), unit rows
+    result.update(min_cosine=float(cosine.min()), mean_cosine=float(cosine.mean()),
+                  max_knn_drop=gate.max_knn_drop,
+                  passed=bool(result["knn_drop"] <= gate.max_knn_drop))
+    return result
+
+
+def _stage_int8(gate: Int8Gate, fp32_staged: Path, info: ModelInfo,
+                staged: list[tuple[Path, Path]], metrics: dict[str, Any]) -> ModelInfo:
+    tmp = gate.path.with_name(f".{gate.path.name}.staged")
+    staged.append((tmp, gate.path))
+    exported = quantize_int8(fp32_staged, tmp, gate.calibration, info)
+    result = int8_knn_gate(fp32_staged, tmp, gate)
+    metrics["int8_parity"], metrics["int8_bytes"] = result, tmp.stat().st_size
+    if not result["passed"]:
+        raise StageError(f"int8 kNN gate failed: top-1 {result['int8_knn_top1']:.2f} vs fp32 "
+                         f"{result['fp32_knn_top1']:.2f} on {result['num_queries']} test images, "
+                         f"a drop of {result['knn_drop']:.2f} points (bound "
+                         f"export.int8_max_knn_drop = {gate.max_knn_drop}); set export.int8: "
+                         "false or calibrate on more images (export.int8_calibration_images)")
     return exported

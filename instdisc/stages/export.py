@@ -1,7 +1,8 @@
-"""DVC stage `export`: models/encoder.pt -> models/encoder.onnx (+ fp16), parity gate, registry.
+"""DVC stage `export`: models/encoder.pt -> models/encoder.onnx (+ fp16, int8), gates, registry.
 
 params.yaml: `device`, `export`. The fp32 gate always runs on the CPU (the reference platform);
-the fp16 one on `device` (auto/cuda* -> CUDA if usable, else CPU). A failed gate fails the stage
+the fp16 one on `device` (auto/cuda* -> CUDA if usable, else CPU); the int8 one (CPU serving)
+compares kNN top-1 on the test split with fp32's. A failed gate fails the stage
 and the ONNX file keeps its previous content. Then the model is registered in MLflow as
 `export.model_name` with the alias `export.alias`; the registry, not the file, records the
 training and export run ids.
@@ -51,10 +52,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 FP16_MIN_COSINE, "cpu" if common.device == "cpu" else "auto"))
     metrics: dict[str, Any] = {"opset": params.opset, "feature_dim": info.feature_dim,
                                "image_size": list(info.image_size)}
+    int8 = int8_gate(params, Path(args.data), out, info, metrics) if params.int8 else None
     with tracking.run(NAME, {"export": params, "device": common.device}) as run_id:
         try:
             exported = export_gated(encoder, info, images, variants, params.dynamic_spatial,
-                                    metrics)
+                                    metrics, int8=int8)
         except StageError:
             tracking.log_metrics(_common.flatten(metrics))
             raise
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics["export_seconds"] = round(time.perf_counter() - start, 2)
         if params.fp16:
             tracking.log_artifact(variants[1].path, artifact_path="fp16")
+        if int8 is not None:
+            tracking.log_artifact(int8.path, artifact_path="int8")
         if params.register:
             metrics["registry"] = register(params, out, exported["fp32"], metrics, run_id,
                                            train_run_id=tracking.find_run(
@@ -74,6 +78,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      f", registered as version {metrics['registry']['version']}"
                      if metrics.get("registry") else "")
     return metrics
+
+
+def int8_gate(params: Any, data: Path, out: Path, info: Any, metrics: dict[str, Any]):
+    """The INT8 variant's calibration and kNN-gate images; None (with the reason in `metrics`)
+    on an unlabelled dataset, where kNN top-1 is undefined."""
+    from instdisc.data.prepared import PreparedDataset
+    from instdisc.export import Int8Gate, split_pixels
+
+    prepared = PreparedDataset.open(data)
+    if not prepared.labeled or "test" not in prepared.meta["splits"]:
+        metrics["int8_parity"] = {"skipped": "int8 is gated on kNN top-1, which needs labels "
+                                             "and a test split; no int8 file written"}
+        _common.log.warning("%s", metrics["int8_parity"]["skipped"])
+        return None
+    size, resize = info.image_size, info.resize
+    calibration, _ = split_pixels(data, "train", params.int8_calibration_images, size, resize)
+    bank, bank_labels = split_pixels(data, "train", params.int8_gate_images, size, resize)
+    queries, query_labels = split_pixels(data, "test", params.int8_gate_images, size, resize)
+    return Int8Gate(out.with_suffix(".int8.onnx"), calibration, bank, bank_labels, queries,
+                    query_labels, len(prepared.classes), params.int8_max_knn_drop)
 
 
 def register(params: Any, path: Path, info: Any, metrics: dict[str, Any], run_id: str | None,

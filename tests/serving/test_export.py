@@ -125,7 +125,8 @@ def test_export_stage_writes_models_metrics_and_registers_an_alias(stage_dir, pr
     assert metrics["fp16_parity"]["passed"] and metrics["fp16_parity"]["max_abs_diff"] <= 1e-2
     assert (stage_dir / "models" / "encoder.fp16.onnx").is_file()
     assert sorted(p.name for p in (stage_dir / "models").iterdir()) == [
-        "encoder.fp16.onnx", "encoder.onnx", "encoder.pt"]  # no sidecar, no staged leftovers
+        "encoder.fp16.onnx", "encoder.int8.onnx", "encoder.onnx",
+        "encoder.pt"]  # no sidecar, no staged leftovers
     registry = metrics["registry"]
     assert (registry["model_name"], registry["alias"]) == ("instdisc-encoder", "candidate")
     fp16 = Embedder(stage_dir / "models" / "encoder.fp16.onnx", device="cpu")
@@ -265,3 +266,38 @@ def test_mlflow_models_serve_answers_array_input(stage_dir, mlflow_db):
         server.terminate()
         server.wait(30)
         log_file.close()
+
+
+def test_export_stage_writes_a_knn_gated_int8_variant(stage_dir):
+    metrics = _register_tiny(stage_dir)
+    gate = metrics["int8_parity"]
+    assert gate["passed"] and gate["knn_drop"] <= 1.0 and gate["num_queries"] == 10
+    assert gate["mean_cosine"] > 0.9
+    int8 = Embedder(stage_dir / "models" / "encoder.int8.onnx", device="cpu")
+    fp32 = Embedder(stage_dir / "models" / "encoder.onnx", device="cpu")
+    assert int8.info.dtype == "int8" and int8.info.image_size == fp32.info.image_size
+    ops = {node.op_type for node in onnx.load(str(int8.model_path)).graph.node}
+    assert "QuantizeLinear" in ops or "QLinearConv" in ops
+    images = random_images(4)
+    out = int8.run(images)                                                     # (4, D)
+    assert out.dtype == np.float32 and out.shape == (4, FEATURE_DIM)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
+
+
+def test_export_stage_fails_when_int8_loses_knn_accuracy(stage_dir, monkeypatch, caplog):
+    import instdisc.evaluate.knn as knn
+
+    real = knn.knn_accuracy
+    calls = []
+
+    def worse_second_time(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result)
+        return {**result, "top1": calls[0]["top1"] - 5.0} if len(calls) == 2 else result
+
+    monkeypatch.setattr(knn, "knn_accuracy", worse_second_time)
+    _write_params(stage_dir, parity_batch=4, register=False)
+    assert cli.main(["export"]) == 2
+    assert "int8 kNN gate failed" in caplog.text and "int8_max_knn_drop" in caplog.text
+    assert not (stage_dir / "models" / "encoder.int8.onnx").exists()
+    assert not (stage_dir / "models" / "encoder.onnx").exists()  # nothing moved into place
