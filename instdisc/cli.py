@@ -67,6 +67,10 @@ def cmd_embed(args: argparse.Namespace) -> None:
                          shard_size=args.shard_size, overwrite=args.overwrite)
     log.info("embedded %d images into %s (%d unreadable, listed in %s)", report["num_items"],
              args.output, len(report["failed"]), Path(args.output) / "index.json")
+    if args.ann:
+        from instdisc.serving.ann import build_for_index
+
+        build_for_index(args.output, args.ann)  # logs recall@10 against exact search
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -74,7 +78,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     from instdisc.serving.search import load_index, nearest, save_grid
 
     index = load_index(args.index)
-    hits = nearest(index, _open_embedder(args), args.image, k=args.k, chunk_size=args.chunk_size)
+    embedder = _open_embedder(args)
+    if args.ann:  # approximate; exact search is the default and the reference
+        from instdisc.serving.ann import ann_search, load_faiss
+
+        index.check_model(embedder)
+        scores, rows = ann_search(load_faiss(args.index), embedder.embed([args.image]), args.k)
+        hits = [(index.ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+    else:
+        hits = nearest(index, embedder, args.image, k=args.k, chunk_size=args.chunk_size)
     if args.json:
         json.dump([{"id": i, "score": s} for i, s in hits], sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -113,6 +125,9 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=4096,
                    help="images per resumable shard (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished index")
+    p.add_argument("--ann", choices=("hnsw", "ivf"), default=None,
+                   help="also build a FAISS index (faiss.index) and report its recall@10 "
+                        "against exact search; `search --ann` uses it")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_embed)
 
@@ -126,6 +141,8 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=Path, default=None,
                    help="also save a PNG of the query and its neighbours here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--ann", action="store_true",
+                   help="use the index's FAISS index (approximate) instead of exact search")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_search)
     _add_serve(sub)

@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+from serving_helpers import tiny_export, write_images
+
+from instdisc import cli
+from instdisc.serving.ann import ann_search, build_faiss, build_for_index, load_faiss, recall_at_k
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return tiny_export(tmp_path_factory)
+
+
+def _clustered(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, dim))                                        # (C, D)
+    x = centers[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim))       # (N, D)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_faiss_recall_against_exact_search(kind):
+    vectors = _clustered(3000)
+    index = build_faiss(vectors, kind)
+    report = recall_at_k(index, vectors, k=10, num_queries=200)
+    assert report["recall@10"] >= 0.9 and report["num_queries"] == 200
+    scores, rows = ann_search(index, vectors[7], k=5)
+    assert rows[0, 0] == 7 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="ANN kind 'lsh'"):
+        build_faiss(vectors, "lsh")
+
+
+def test_index_folder_ann_is_refused_when_embeddings_change(tmp_path):
+    np.save(tmp_path / "embeddings.npy", _clustered(500))
+    report = build_for_index(tmp_path, "hnsw", num_queries=50)
+    assert json.loads((tmp_path / "faiss.json").read_text())["recall@10"] == report["recall@10"]
+    assert load_faiss(tmp_path).ntotal == 500
+    np.save(tmp_path / "embeddings.npy", _clustered(500, seed=1))
+    with pytest.raises(ValueError, match="built from other embeddings"):
+        load_faiss(tmp_path)
+
+
+def test_embed_and_search_with_ann_from_the_command_line(tiny, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    write_images(folder, 12)
+    model = ["--model", str(tiny.onnx_path), "--device", "cpu"]
+    assert cli.main(["embed", str(folder), "-o", str(tmp_path / "index"), "--ann", "hnsw",
+                     *model]) == 0
+    assert json.loads((tmp_path / "index" / "faiss.json").read_text())["kind"] == "hnsw"
+    capsys.readouterr()
+    assert cli.main(["search", str(folder / "img_004.png"), "--index", str(tmp_path / "index"),
+                     "-k", "3", "--ann", *model]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split() == ["1", "1.0000", "img_004.png"]
