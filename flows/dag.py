@@ -3,7 +3,9 @@
 No dvc.yaml parsing here: DVC expands `foreach`/`matrix`, interpolates `${...}`, applies `wdir`
 and its own path-overlap rule, and reads nested dvc.yaml files. This module only orders the
 stages (dvc.yaml order among stages that are ready) and keeps what the flows need: each stage's
-name as `dvc repro` accepts it, its upstream stages and its metrics files.
+name as `dvc repro` accepts it, its upstream stages, its metrics files, and whether it uses the
+accelerator: a stage that reads the `device` param (`params: [device, ...]` in dvc.yaml) is a GPU
+stage, which the pipeline flow never runs beside another one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DagError", "Stage", "StageGraph", "load_graph"]
+__all__ = ["DEVICE_PARAM", "DagError", "Stage", "StageGraph", "load_graph"]
+
+DEVICE_PARAM = "device"  # the params key of the stages that run on the accelerator
 
 
 class DagError(ValueError):
@@ -24,6 +28,7 @@ class Stage:
 
     name: str
     metrics: tuple[str, ...]  # repo-relative POSIX paths
+    gpu: bool = False  # reads the `device` param: runs on the accelerator when there is one
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class StageGraph:
     @property
     def order(self) -> list[str]:
         return list(self.stages)
+
+    @property
+    def gpu_stages(self) -> list[str]:
+        return [name for name, stage in self.stages.items() if stage.gpu]
 
     def edges(self) -> set[tuple[str, str]]:
         """{(upstream, downstream)}, the edges `dvc dag --dot` prints."""
@@ -65,13 +74,21 @@ def load_graph(repo: Path) -> StageGraph:
                 name = _address(stage, root)
                 stages[name] = Stage(name, tuple(
                     Path(out.fs_path).relative_to(root).as_posix()
-                    for out in stage.outs if out.metric))
+                    for out in stage.outs if out.metric), _reads_device(stage))
                 upstream[name] = tuple(_address(dep, root) for dep in graph.successors(stage)
                                        if dep.cmd)
     except (DvcException, nx.NetworkXUnfeasible) as err:
         raise DagError(f"DVC cannot build the stage graph of {root}: {err}") from err
     return StageGraph(stages, {name: tuple(sorted(upstream[name], key=list(stages).index))
                                for name in stages})
+
+
+def _reads_device(stage) -> bool:
+    """True when one of the stage's params dependencies is the top-level `device` key."""
+    from dvc.dependency.param import ParamsDependency
+
+    return any(DEVICE_PARAM in (dep.params or []) for dep in stage.deps
+               if isinstance(dep, ParamsDependency))
 
 
 def _address(stage, root: Path) -> str:

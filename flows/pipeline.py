@@ -3,8 +3,10 @@
 `python -m flows.pipeline [--repo .] [--set pretrain.epochs=3 ...]` from the repository root.
 The stage graph comes from DVC itself (`flows.dag`), so a new stage in dvc.yaml is a new task
 here. Each task is one `dvc repro --single-item <stage>` subprocess; a stage starts when its
-upstream stages are done, so independent stages run concurrently, at most `max_parallel_stages`
-at once (the workers of a `ThreadPoolTaskRunner`). With `overrides` the whole pipeline
+upstream stages are done, so independent stages run concurrently (the workers of a
+`ThreadPoolTaskRunner`). GPU stages (those that read the `device` param) carry the task tag
+`gpu_tag`, whose Prefect tag concurrency limit (`gpu_slots`, created when missing) keeps two of
+them off one GPU; CPU-only stages still run side by side. With `overrides` the whole pipeline
 runs as one DVC experiment instead (one task; see `flows.experiments`).
 """
 
@@ -14,7 +16,6 @@ if __name__ == "__main__":  # entry point: offline defaults must precede the Pre
     apply_defaults()
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -39,13 +40,22 @@ from flows.settings import dvc_command, subprocess_env  # noqa: E402
 RAN = "Running stage '"  # what `dvc repro` prints before it executes a stage's command
 
 
-def default_parallel_stages() -> int:
-    """Stages allowed to run at once when not set: one per 4 CPU cores, at least one.
+GPU_TAG = "gpu"  # task tag of the GPU stages; its concurrency limit is the number of GPU slots
 
-    Every stage is a torch process with one thread per core; several of them on 2 cores
-    oversubscribe the CPU and each runs many times slower (measured: ~25x) than alone.
-    """
-    return max(1, (os.cpu_count() or 1) // 4)
+
+def ensure_tag_limit(tag: str, slots: int) -> int:
+    """The tag concurrency limit of `tag` on the Prefect server: created with `slots` when
+    missing, an existing one kept (`prefect concurrency-limit create/delete` changes it).
+    Returns the limit in force."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_concurrency_limit_by_tag(tag).concurrency_limit
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=tag, concurrency_limit=slots)
+            return slots
 
 
 class PipelineFailed(RuntimeError):
@@ -71,20 +81,23 @@ def run_stage(stage: str, repo: Path, env: dict[str, str], transient_patterns: l
 
 
 def run_stages(graph: StageGraph, repo: Path, env: dict[str, str], patterns: list[str],
-               retries: int, retry_delay_seconds: float,
-               max_parallel: int = 1) -> tuple[dict[str, str], list[str]]:
+               retries: int, retry_delay_seconds: float, max_parallel: int = 0,
+               gpu_tag: str = GPU_TAG) -> tuple[dict[str, str], list[str]]:
     """One task per stage in topological order, each waiting for its upstream stages, on a
-    thread pool of `max_parallel` workers (so at most that many stage commands run at once).
+    thread pool of `max_parallel` workers (0: one per stage). GPU stages are tagged `gpu_tag`,
+    so the tag's concurrency limit decides how many of them run at once.
 
     Returns ({stage: "ran" | "skipped" | "failed" | "not started"}, [failure messages]); a
     stage downstream of a failure is never started.
     """
     stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    gpu_task = stage_task.with_options(tags={gpu_tag})
     futures: dict[str, PrefectFuture] = {}
-    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+    with ThreadPoolTaskRunner(max_workers=max_parallel or len(graph.order) or 1) as runner:
         for name in graph.order:  # topological: a worker never waits for a task queued later
             upstream = [futures[parent] for parent in graph.upstream[name]]
-            futures[name] = runner.submit(stage_task, {"stage": name, "repo": repo, "env": env,
+            task = gpu_task if graph.stages[name].gpu else stage_task
+            futures[name] = runner.submit(task, {"stage": name, "repo": repo, "env": env,
                                                        "transient_patterns": patterns},
                                           wait_for=upstream)
         wait(list(futures.values()))
@@ -121,13 +134,15 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
              experiment_name: str | None = None, retries: int = 2,
              retry_delay_seconds: float = 30.0, transient_patterns: list[str] | None = None,
              temp_experiment: bool = True, track: bool = True,
-             max_parallel_stages: int = 0) -> dict[str, Any]:
+             max_parallel_stages: int = 0, gpu_tag: str = GPU_TAG,
+             gpu_slots: int = 1) -> dict[str, Any]:
     """Run every stale stage of `repo`'s dvc.yaml; with `overrides`, one DVC experiment.
 
     `retries`/`retry_delay_seconds` apply to transient failures only (see flows.commands);
     `transient_patterns` adds regular expressions to the defaults. `track` creates the parent
-    MLflow run. `max_parallel_stages` caps how many independent stages run at once (0: one per
-    4 CPU cores). Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
+    MLflow run. `max_parallel_stages` caps how many independent stages run at once (0: no cap);
+    GPU stages (they read the `device` param) run under the tag `gpu_tag`, whose Prefect
+    concurrency limit is created with `gpu_slots` when the server has none. Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
     """
     logger = get_run_logger()
     root = Path(repo).resolve()
@@ -150,9 +165,12 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
             files = show_experiments(root).get(name, {}).get("metrics", {})
         else:
             logger.info("stages in order: %s", ", ".join(graph.order))
+            if graph.gpu_stages:
+                limit = ensure_tag_limit(gpu_tag, gpu_slots)
+                logger.info("GPU stages (tag %r, %d at a time): %s", gpu_tag, limit,
+                            ", ".join(graph.gpu_stages))
             statuses, failures = run_stages(graph, root, parent.env(), patterns, retries,
-                                            retry_delay_seconds,
-                                            max_parallel_stages or default_parallel_stages())
+                                            retry_delay_seconds, max_parallel_stages, gpu_tag)
             files, problems = metrics.read_workspace(root, graph)
             for problem in problems:
                 logger.warning(problem)
@@ -181,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="run an experiment in the workspace instead of a --temp copy")
     parser.add_argument("--no-track", action="store_true", help="no parent MLflow run")
     parser.add_argument("--max-parallel-stages", type=int, default=0,
-                        help="stages run at once (default 0: one per 4 CPU cores)")
+                        help="stages run at once (default 0: no cap)")
+    parser.add_argument("--gpu-slots", type=int, default=1,
+                        help="GPU stages run at once, when the server has no 'gpu' tag limit yet")
     args = parser.parse_args(argv)
     state = pipeline(repo=args.repo, overrides=parse_sets(args.sets) or None,
                      experiment_name=args.name, retries=args.retries,
                      retry_delay_seconds=args.retry_delay, temp_experiment=not args.in_workspace,
                      track=not args.no_track, max_parallel_stages=args.max_parallel_stages,
+                     gpu_slots=args.gpu_slots,
                      return_state=True)
     return 0 if state.is_completed() else 1
 

@@ -28,7 +28,8 @@ from flows.pipeline import pipeline  # noqa: E402
 from flows.serve import deployments  # noqa: E402
 from flows.table1 import ROWS, config_for, select_rows, table1, write_report  # noqa: E402
 from toy_project import (  # noqa: E402
-    copy_repo, dvc, make_real_repo, make_template, read_metrics, reset_control, runs)
+    copy_repo, dvc, init_repo, make_real_repo, make_template, read_metrics, reset_control, runs,
+    times)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Entries that differ between two identical runs: wall-clock timings, file sizes of the ONNX
@@ -101,6 +102,37 @@ def test_flow_writes_what_dvc_repro_writes_nests_mlflow_runs_then_skips_everythi
     again = pipeline(repo=str(toy_repo), **FAST)
     assert again["stages"] == dict.fromkeys(["make", "train", "side", "eval"], "skipped")
     assert runs(toy_project.CONTROL) == ran_once
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Seconds during which the two (start, end) intervals both ran."""
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def test_gpu_stages_never_overlap_while_cpu_stages_run_side_by_side(toy_repo, tmp_path):
+    """train and side both follow make; reading `device` makes them GPU stages (tag `gpu`)."""
+    from prefect import get_client
+
+    gpu_yaml = toy_project.DVC_YAML.replace("params: [train]", "params: [device, train]").replace(
+        "deps: [out/data]\n    outs: [out/side.txt]",
+        "deps: [out/data]\n    params: [device]\n    outs: [out/side.txt]")
+    gpu_repo = init_repo(tmp_path / "gpu", {"params.yaml": toy_project.PARAMS + "device: cpu\n",
+                                            "dvc.yaml": gpu_yaml, "stage.py": toy_project.STAGE_PY})
+    assert load_graph(gpu_repo).gpu_stages == ["train", "side"]
+    assert load_graph(toy_repo).gpu_stages == []
+    control = reset_control({"sleep": {"train": 2, "side": 2}})
+    assert set(pipeline(repo=str(gpu_repo), **FAST)["stages"].values()) == {"ran"}
+    gpu_times = times(control)
+    control = reset_control({"sleep": {"train": 2, "side": 2}})
+    assert set(pipeline(repo=str(toy_repo), **FAST)["stages"].values()) == {"ran"}
+    cpu_times = times(control)
+    print("GPU-tagged train/side overlap: %.2f s; untagged: %.2f s"
+          % (overlap(gpu_times["train"], gpu_times["side"]),
+             overlap(cpu_times["train"], cpu_times["side"])))
+    assert overlap(gpu_times["train"], gpu_times["side"]) == 0.0, gpu_times
+    assert overlap(cpu_times["train"], cpu_times["side"]) > 0.5, cpu_times
+    with get_client(sync_client=True) as client:  # created by the flow, one GPU slot
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
 
 
 def test_transient_failure_is_retried_and_then_succeeds(toy_repo):

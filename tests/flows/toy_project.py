@@ -5,8 +5,10 @@
 
 Stage commands are `python stage.py <name>`; each appends its name to $TOY_CONTROL/runs.log.
 Failures are injected through $TOY_CONTROL/control.json: {"train": "transient"} exits 75 on
-the first attempt only; {"train": "fatal"} raises a ValueError every time. The train stage
-opens an instdisc.tracking run when INSTDISC_PARENT_RUN_ID is set (as the real stages do).
+the first attempt only; {"train": "fatal"} raises a ValueError every time; {"sleep": {"train":
+2}} makes train last 2 s more. Each stage appends "<name> <start> <end>" (epoch seconds) to
+$TOY_CONTROL/times.log. The train stage opens an instdisc.tracking run when
+INSTDISC_PARENT_RUN_ID is set (as the real stages do).
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ stages:
 
 STAGE_PY = '''\
 """Toy stage: tiny deterministic computations, JSON metrics, injectable failures."""
-import json, os, pathlib, sys
+import json, os, pathlib, sys, time
 import yaml
 
 name = sys.argv[1]
+started = time.time()
 control = pathlib.Path(os.environ["TOY_CONTROL"])
 with open(control / "runs.log", "a") as log:
     log.write(name + "\\n")
@@ -99,6 +102,9 @@ elif name == "eval":
     acc = int((out / "model.txt").read_text()) / 100
     side = int((out / "side.txt").read_text())
     json.dump({"acc": acc, "side": side}, open(met / "eval.json", "w"))
+time.sleep(json.loads(settings.read_text()).get("sleep", {}).get(name, 0) if settings.exists() else 0)
+with open(control / "times.log", "a") as log:  # start and end of the command, for overlaps
+    log.write(f"{name} {started} {time.time()}\\n")
 print(f"{name} done", flush=True)
 '''
 
@@ -169,6 +175,13 @@ def reset_control(control: dict[str, str] | None = None) -> Path:
     if control:
         (CONTROL / "control.json").write_text(json.dumps(control))
     return CONTROL
+
+
+def times(control_dir: Path) -> dict[str, tuple[float, float]]:
+    """{stage: (start, end)} of the last run of each stage command."""
+    log = control_dir / "times.log"
+    lines = log.read_text().split("\n") if log.exists() else []
+    return {name: (float(a), float(b)) for name, a, b in (l.split() for l in lines if l)}
 
 
 def runs(control_dir: Path) -> list[str]:
