@@ -108,8 +108,8 @@ class PretrainParams:
     temperature: float = 0.07  # tau
     bank_momentum: float = 0.5
     proximal_lambda: float = 0.0  # lambda of the proximal term; 0 turns it off
-    z_estimate: Literal["batch", "row", "fixed"] = "batch"  # NCE: Z from every batch, per
-    # sample from its own noise rows, or once and then fixed (the paper)
+    z_estimate: Literal["auto", "batch", "row", "fixed"] = "auto"  # NCE: Z from every batch,
+    # per sample from its own noise rows, or once and then fixed (the paper); auto: row if m >= 256
     z_batches: int = 1  # NCE, z_estimate fixed: Z is the mean over this many first batches
     z_momentum: float = 0.0  # NCE: > 0 smooths Z as an EMA of the batch estimates
     epochs: int = 200

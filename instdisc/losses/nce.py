@@ -71,7 +71,8 @@ def bank_logits(features: Tensor, bank: Tensor, rows: Tensor, temperature: float
     return dots / temperature  # (B, K)
 
 
-Z_ESTIMATES = ("batch", "row", "fixed")
+Z_ESTIMATES = ("auto", "batch", "row", "fixed")
+ROW_MIN_NEGATIVES = 256  # z_estimate "auto": per-sample Z from m >= this many noise rows, else batch
 
 
 class NCELoss(nn.Module):
@@ -81,7 +82,10 @@ class NCELoss(nn.Module):
     gradient flows only into `features`. Z (detached, a constant to the gradient) lives in the
     buffer `log_z`; it is always estimated from the noise columns only (Eq. 7):
 
-    - `z_estimate="batch"` (default): every step, log Z = log(n * mean exp(logits)) over this
+    - `z_estimate="auto"` (default): "row" when m >= ROW_MIN_NEGATIVES (enough noise samples
+      for a per-sample estimate), else "batch" (B * m samples pooled). On the CIFAR-10 subset
+      (docs/fidelity.md): m = 4096 reaches 40.1 kNN with "row" (softmax 40.7), 38.3 with "batch".
+    - `z_estimate="batch"`: every step, log Z = log(n * mean exp(logits)) over this
       batch's B*m noise logits, pooled over DDP ranks. With `z_momentum` mu > 0 the estimate is
       smoothed, Z <- mu * Z + (1 - mu) * Z_batch (log space), starting from the first batch.
       The features move fast early on (the exact Z falls ~20x during the first epochs of a
@@ -100,7 +104,7 @@ class NCELoss(nn.Module):
     """
 
     def __init__(self, bank: MemoryBank, num_negatives: int, temperature: float,
-                 z_batches: int = 1, z_momentum: float = 0.0, z_estimate: str = "batch") -> None:
+                 z_batches: int = 1, z_momentum: float = 0.0, z_estimate: str = "auto") -> None:
         super().__init__()
         if bank.num_items < 2:
             raise ValueError(f"NCE needs at least 2 bank rows, got {bank.num_items}")
@@ -119,7 +123,9 @@ class NCELoss(nn.Module):
         self.temperature = temperature  # tau
         self.z_batches = z_batches
         self.z_momentum = z_momentum
-        self.z_estimate = z_estimate
+        if z_estimate == "auto":
+            z_estimate = "row" if num_negatives >= ROW_MIN_NEGATIVES else "batch"
+        self.z_estimate = z_estimate  # resolved: "batch", "row" or "fixed"
         self.register_buffer("log_z", torch.tensor(float("nan")))  # () log Z in use, nan until set
         self.register_buffer("z_lse", torch.tensor(float("-inf")))  # () logsumexp of seen logits
         self.register_buffer("z_count", torch.tensor(0, dtype=torch.long))  # () logits seen

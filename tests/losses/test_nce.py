@@ -87,7 +87,7 @@ def test_sample_negatives_never_draws_the_positive_and_is_uniform():
 
 def test_nce_module_matches_reference_formula():
     bank, features, indices = make_bank(), unit(6, 8), torch.tensor([0, 3, 7, 7, 20, 49])
-    loss_fn = NCELoss(bank, num_negatives=10, temperature=0.07)
+    loss_fn = NCELoss(bank, num_negatives=10, temperature=0.07)  # auto: batch for small m
     torch.manual_seed(1)
     loss = loss_fn(features, indices)
     logits = replay_logits(loss_fn, features, indices, seed=1)
@@ -111,7 +111,7 @@ def test_z_estimate_ignores_the_positive_column():
 def test_batch_z_follows_every_batch():
     """Default: Z is re-estimated from each batch's noise logits, so it tracks the features."""
     bank = make_bank()
-    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1)
+    loss_fn = NCELoss(bank, num_negatives=7, temperature=0.1, z_estimate="batch")
     assert math.isnan(loss_fn.z)
     estimates = []
     for step in range(4):
@@ -128,6 +128,14 @@ def test_batch_z_follows_every_batch():
         estimates.append(expected)
     assert len({round(e, 4) for e in estimates}) == 4
     assert not loss_fn.z_fixed
+
+
+def test_auto_z_is_per_row_for_many_negatives_and_pooled_for_few():
+    assert NCELoss(make_bank(), num_negatives=10, temperature=0.1).z_estimate == "batch"
+    bank = make_bank(num_items=300)
+    assert NCELoss(bank, num_negatives=256, temperature=0.1).z_estimate == "row"
+    assert NCELoss(bank, num_negatives=256, temperature=0.1,
+                   z_estimate="fixed").z_estimate == "fixed"
 
 
 def test_row_z_is_one_estimate_per_sample_from_its_own_noise_logits():
@@ -241,7 +249,8 @@ def test_nce_rejects_bad_arguments():
         NCELoss(make_bank(), num_negatives=0, temperature=0.07)
     with pytest.raises(ValueError, match=r"z_momentum must be in \[0, 1\), got 1.0"):
         NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_momentum=1.0)
-    with pytest.raises(ValueError, match=r"z_estimate must be one of \['batch', 'row', 'fixed'\], "
+    with pytest.raises(ValueError, match=r"z_estimate must be one of \['auto', 'batch', 'row', "
+                                         r"'fixed'\], "
                                          r"got 'ema'"):
         NCELoss(make_bank(), num_negatives=4, temperature=0.07, z_estimate="ema")
 
