@@ -16,6 +16,7 @@ if __name__ == "__main__":  # entry point: offline defaults must precede the Pre
     apply_defaults()
 
 import argparse  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -56,6 +57,26 @@ def ensure_tag_limit(tag: str, slots: int) -> int:
         except ObjectNotFound:
             client.create_concurrency_limit(tag=tag, concurrency_limit=slots)
             return slots
+
+
+def dvc_remotes(repo: Path) -> list[str]:
+    """The project's DVC remotes (`dvc remote list`: "<name>\t<url>" lines); [] when none."""
+    result = subprocess.run(dvc_command("remote", "list"), cwd=repo, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc remote list failed in {repo}: {result.stderr.strip()}")
+    return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, task_run_name="dvc {action}")
+def sync_remote(action: str, repo: Path, env: dict[str, str]) -> None:
+    """`dvc pull --allow-missing` (what the remote has of the locked outputs; the rest is
+    computed) or `dvc push` (every cached output, for the next machine)."""
+    logger = get_run_logger()
+    args = ("pull", "--allow-missing") if action == "pull" else ("push",)
+    result = run_streaming(dvc_command(*args), repo, subprocess_env(env),
+                           lambda line: logger.info("[dvc %s] %s", action, line))
+    raise_for_failure(f"dvc {action}", result, DEFAULT_TRANSIENT_PATTERNS)
 
 
 class PipelineFailed(RuntimeError):
@@ -135,14 +156,16 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
              retry_delay_seconds: float = 30.0, transient_patterns: list[str] | None = None,
              temp_experiment: bool = True, track: bool = True,
              max_parallel_stages: int = 0, gpu_tag: str = GPU_TAG,
-             gpu_slots: int = 1) -> dict[str, Any]:
+             gpu_slots: int = 1, sync: bool = True) -> dict[str, Any]:
     """Run every stale stage of `repo`'s dvc.yaml; with `overrides`, one DVC experiment.
 
     `retries`/`retry_delay_seconds` apply to transient failures only (see flows.commands);
     `transient_patterns` adds regular expressions to the defaults. `track` creates the parent
     MLflow run. `max_parallel_stages` caps how many independent stages run at once (0: no cap);
     GPU stages (they read the `device` param) run under the tag `gpu_tag`, whose Prefect
-    concurrency limit is created with `gpu_slots` when the server has none. Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
+    concurrency limit is created with `gpu_slots` when the server has none. With `sync` and a
+    DVC remote configured (`dvc remote add -d`), `dvc pull` runs first and, after a run
+    without failures, `dvc push` (experiments: `dvc exp push` them yourself). Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
     """
     logger = get_run_logger()
     root = Path(repo).resolve()
@@ -155,6 +178,10 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
         name = check_name(experiment_name or make_name("run"))
     tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
             "instdisc.flow": "pipeline", **({"dvc.experiment": name} if name else {})}
+    remotes = dvc_remotes(root) if sync else []
+    if remotes:
+        logger.info("DVC remotes %s: pulling the locked outputs first", ", ".join(remotes))
+        sync_remote("pull", root, {})
     with parent_run(root, name or f"pipeline-{flow_run.name}", tags, enabled=track) as parent:
         if name:
             logger.info("overrides %s: running the pipeline as DVC experiment %s", overrides, name)
@@ -171,6 +198,8 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
                             ", ".join(graph.gpu_stages))
             statuses, failures = run_stages(graph, root, parent.env(), patterns, retries,
                                             retry_delay_seconds, max_parallel_stages, gpu_tag)
+            if remotes and not failures:
+                sync_remote("push", root, {})
             files, problems = metrics.read_workspace(root, graph)
             for problem in problems:
                 logger.warning(problem)
@@ -200,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-track", action="store_true", help="no parent MLflow run")
     parser.add_argument("--max-parallel-stages", type=int, default=0,
                         help="stages run at once (default 0: no cap)")
+    parser.add_argument("--no-sync", action="store_true",
+                        help="no dvc pull/push even when a DVC remote is configured")
     parser.add_argument("--gpu-slots", type=int, default=1,
                         help="GPU stages run at once, when the server has no 'gpu' tag limit yet")
     args = parser.parse_args(argv)
@@ -207,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                      experiment_name=args.name, retries=args.retries,
                      retry_delay_seconds=args.retry_delay, temp_experiment=not args.in_workspace,
                      track=not args.no_track, max_parallel_stages=args.max_parallel_stages,
-                     gpu_slots=args.gpu_slots,
+                     gpu_slots=args.gpu_slots, sync=not args.no_sync,
                      return_state=True)
     return 0 if state.is_completed() else 1
 

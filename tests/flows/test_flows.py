@@ -135,6 +135,33 @@ def test_gpu_stages_never_overlap_while_cpu_stages_run_side_by_side(toy_repo, tm
         assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
 
 
+def tree_size(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def test_a_second_clone_pulls_the_first_ones_outputs_from_the_dvc_remote(toy_repo, tmp_path):
+    remote = tmp_path / "dvc-remote"
+    dvc(toy_repo, "remote", "add", "-d", "shared", str(remote))
+    toy_project.git(toy_repo, "commit", "-qam", "dvc remote")
+    first = pipeline(repo=str(toy_repo), **FAST)  # pull (nothing there yet), run, push
+    assert set(first["stages"].values()) == {"ran"}
+    pushed = tree_size(remote)
+    assert pushed[0] >= 3  # out/data (a directory: its files + .dir), model.txt, side.txt
+    toy_project.git(toy_repo, "add", "dvc.lock", "metrics")
+    toy_project.git(toy_repo, "commit", "-qm", "pipeline results")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(toy_repo), str(clone)], check=True)
+    control = reset_control()
+    second = pipeline(repo=str(clone), **FAST)  # pull, then every stage is up to date
+    assert set(second["stages"].values()) == {"skipped"} and runs(control) == []
+    assert (clone / "out" / "model.txt").read_text() == "12"
+    assert read_metrics(clone) == read_metrics(toy_repo)
+    assert "up to date" in dvc(clone, "status").stdout
+    print(f"dvc remote after the first clone's push: {pushed[0]} files, {pushed[1]} bytes; "
+          f"clone cache after pull: {tree_size(clone / '.dvc' / 'cache')}")
+
+
 def test_transient_failure_is_retried_and_then_succeeds(toy_repo):
     control = reset_control({"train": "transient"})
     result = pipeline(repo=str(toy_repo), **FAST)
