@@ -165,7 +165,8 @@ def pipeline(repo: str = ".", overrides: dict[str, Any] | None = None,
     GPU stages (they read the `device` param) run under the tag `gpu_tag`, whose Prefect
     concurrency limit is created with `gpu_slots` when the server has none. With `sync` and a
     DVC remote configured (`dvc remote add -d`), `dvc pull` runs first and, after a run
-    without failures, `dvc push` (experiments: `dvc exp push` them yourself). Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
+    without failures, `dvc push` (experiments: `dvc exp push` them yourself).
+    Returns {"stages", "metrics", "experiment", "mlflow_run_id"}.
     """
     logger = get_run_logger()
     root = Path(repo).resolve()

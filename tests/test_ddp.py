@@ -60,7 +60,8 @@ def monitor_lines(log: str, epochs: int) -> dict[int, list[tuple[str, str]]]:
 @pytest.mark.slow
 def test_dvc_repro_launches_torchrun_from_params_and_resumes_after_a_kill(tmp_path: Path):
     """`dvc repro` with pretrain.nproc_per_node = 2: killed (SIGKILL to DVC, the stage,
-    torchrun and both ranks) after the first checkpoint, then re-run: it resumes and runs only the missing epochs,
+    torchrun and both ranks) after the first checkpoint, then re-run: it resumes and runs only
+    the missing epochs,
     both ranks log the same bank-based kNN monitor and Z, metrics are written once (~1-2 min)."""
     epochs = 6
     repo = make_pipeline_repo(tmp_path, {"device": "cpu", "pretrain": {
