@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 FP16_MIN_COSINE, "cpu" if common.device == "cpu" else "auto"))
     metrics: dict[str, Any] = {"opset": params.opset, "feature_dim": info.feature_dim,
                                "image_size": list(info.image_size)}
+    # The INT8 file lives in a folder of its own that always exists (a dvc.yaml out), empty when
+    # export.int8 is off or the data has no labels to gate it with.
+    made_int8_dir = not int8_dir(out).exists()
+    int8_dir(out).mkdir(parents=True, exist_ok=True)
     int8 = int8_gate(params, Path(args.data), out, info, metrics) if params.int8 else None
     with tracking.run(NAME, {"export": params, "device": common.device}) as run_id:
         try:
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     metrics, int8=int8)
         except StageError:
             tracking.log_metrics(_common.flatten(metrics))
+            if made_int8_dir and not any(int8_dir(out).iterdir()):
+                int8_dir(out).rmdir()  # a failed export leaves nothing behind
             raise
         metrics["dynamic_spatial"] = exported["fp32"].dynamic_spatial
         metrics["export_seconds"] = round(time.perf_counter() - start, 2)
@@ -80,6 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def int8_dir(out: Path) -> Path:
+    """models/encoder.onnx -> models/int8/ (the folder of the INT8 variant)."""
+    return out.parent / "int8"
+
+
 def int8_gate(params: Any, data: Path, out: Path, info: Any, metrics: dict[str, Any]):
     """The INT8 variant's calibration and kNN-gate images; None (with the reason in `metrics`)
     on an unlabelled dataset, where kNN top-1 is undefined."""
@@ -96,7 +107,7 @@ def int8_gate(params: Any, data: Path, out: Path, info: Any, metrics: dict[str, 
     calibration, _ = split_pixels(data, "train", params.int8_calibration_images, size, resize)
     bank, bank_labels = split_pixels(data, "train", params.int8_gate_images, size, resize)
     queries, query_labels = split_pixels(data, "test", params.int8_gate_images, size, resize)
-    return Int8Gate(out.with_suffix(".int8.onnx"), calibration, bank, bank_labels, queries,
+    return Int8Gate(int8_dir(out) / f"{out.stem}.int8.onnx", calibration, bank, bank_labels, queries,
                     query_labels, len(prepared.classes), params.int8_max_knn_drop)
 
 

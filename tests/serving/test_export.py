@@ -125,8 +125,8 @@ def test_export_stage_writes_models_metrics_and_registers_an_alias(stage_dir, pr
     assert metrics["fp16_parity"]["passed"] and metrics["fp16_parity"]["max_abs_diff"] <= 1e-2
     assert (stage_dir / "models" / "encoder.fp16.onnx").is_file()
     assert sorted(p.name for p in (stage_dir / "models").iterdir()) == [
-        "encoder.fp16.onnx", "encoder.int8.onnx", "encoder.onnx",
-        "encoder.pt"]  # no sidecar, no staged leftovers
+        "encoder.fp16.onnx", "encoder.onnx", "encoder.pt", "int8"]  # no sidecar, no leftovers
+    assert [p.name for p in (stage_dir / "models" / "int8").iterdir()] == ["encoder.int8.onnx"]
     registry = metrics["registry"]
     assert (registry["model_name"], registry["alias"]) == ("instdisc-encoder", "candidate")
     fp16 = Embedder(stage_dir / "models" / "encoder.fp16.onnx", device="cpu")
@@ -273,7 +273,7 @@ def test_export_stage_writes_a_knn_gated_int8_variant(stage_dir):
     gate = metrics["int8_parity"]
     assert gate["passed"] and gate["knn_drop"] <= 1.0 and gate["num_queries"] == 10
     assert gate["mean_cosine"] > 0.9
-    int8 = Embedder(stage_dir / "models" / "encoder.int8.onnx", device="cpu")
+    int8 = Embedder(stage_dir / "models" / "int8" / "encoder.int8.onnx", device="cpu")
     fp32 = Embedder(stage_dir / "models" / "encoder.onnx", device="cpu")
     assert int8.info.dtype == "int8" and int8.info.image_size == fp32.info.image_size
     ops = {node.op_type for node in onnx.load(str(int8.model_path)).graph.node}
@@ -299,5 +299,5 @@ def test_export_stage_fails_when_int8_loses_knn_accuracy(stage_dir, monkeypatch,
     _write_params(stage_dir, parity_batch=4, register=False)
     assert cli.main(["export"]) == 2
     assert "int8 kNN gate failed" in caplog.text and "int8_max_knn_drop" in caplog.text
-    assert not (stage_dir / "models" / "encoder.int8.onnx").exists()
+    assert not (stage_dir / "models" / "int8" / "encoder.int8.onnx").exists()
     assert not (stage_dir / "models" / "encoder.onnx").exists()  # nothing moved into place

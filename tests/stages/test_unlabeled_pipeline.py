@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import tiny_params
 from instdisc import tracking
 from instdisc.data.prepared import PreparedDataset
-from instdisc.stages import evaluate, linear, prepare, pretrain, semi_supervised
+from instdisc.stages import evaluate, export, linear, prepare, pretrain, semi_supervised
 
 
 def test_unlabeled_folder_prepares_pretrains_and_evaluates(tmp_path, monkeypatch, caplog):
@@ -66,3 +66,11 @@ def test_unlabeled_folder_prepares_pretrains_and_evaluates(tmp_path, monkeypatch
                            "--metrics", str(out)]) == 0
         assert json.loads(out.read_text())["skipped"].startswith("no labels")
         assert f"{name} skipped: no labels" in caplog.text
+
+    onnx_path = tmp_path / "models" / "encoder.onnx"
+    assert export.main(["--data", str(prepared_dir), "--encoder", str(encoder), "--out",
+                        str(onnx_path), "--metrics", str(metrics / "x.json")]) == 0
+    exported = json.loads((metrics / "x.json").read_text())
+    assert exported["parity"]["passed"] and onnx_path.is_file()
+    assert exported["int8_parity"]["skipped"].startswith("int8 is gated on kNN top-1")
+    assert list((tmp_path / "models" / "int8").iterdir()) == []  # the dvc.yaml out exists, empty
