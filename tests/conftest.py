@@ -22,7 +22,9 @@ TINY_PARAMS = {
                  "batch_size": 16, "lr_milestones": [1], "monitor_queries": 16,
                  "num_workers": 0},
     "evaluate": {"k": 5, "batch_size": 64},
-    "export": {"parity_batch": 4},
+    # int8 off: a kNN gate on 24 test images cannot resolve a 1-point drop (tests/serving covers
+    # the int8 variant); the stage still writes its empty models/int8 out
+    "export": {"parity_batch": 4, "int8": False},
     "linear": {"target_dim": 64, "epochs": 2, "random_init_baseline": False},
     "places": {"synthetic": {"num_classes": 3, "train_per_class": 8, "test_per_class": 4,
                              "image_size": 16},

@@ -73,8 +73,8 @@ def test_detection_on_raccoon_voc(tmp_path):
                              representation_size=32)
     result = run_detection(params, write_encoder(tmp_path / "encoder.pt"), tmp_path / "det",
                            torch.device("cpu"), seed=0)
-    assert result["dataset"] == {"source": str(RACCOON), "classes": ["raccoon"], "train": 160,
-                                 "test": 40}
+    assert result["dataset"] == {"source": str(RACCOON), "classes": ["raccoon"],
+                                 "classes_from": "labels.txt", "train": 160, "test": 40}
     assert 0.0 <= result["map"] <= 1.0
 
 
