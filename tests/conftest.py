@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,19 @@ def make_pipeline_repo(root: Path, overrides: dict | None = None) -> Path:
 def pipeline_repo(tmp_path: Path) -> Path:
     """A fresh temp repo with the tiny pipeline (see `make_pipeline_repo`)."""
     return make_pipeline_repo(tmp_path)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{url} not healthy after {timeout:.0f} s"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)

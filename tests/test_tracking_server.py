@@ -10,13 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import make_pipeline_repo, pipeline_env, tiny_params
+from conftest import make_pipeline_repo, pipeline_env, tiny_params, wait_healthy
 
 BIN = Path(sys.executable).parent
 
@@ -37,16 +35,7 @@ def mlflow_server(tmp_path: Path):
         stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server not up after 120 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(f"{url}/health", proc, tmp_path / "mlflow-server.log", 120)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

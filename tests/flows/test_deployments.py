@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 import toy_project
+from conftest import wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -80,16 +81,7 @@ def server(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                   "--port", env["PORT"]], env, tmp_path / "server.log", tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not healthy after 180 s"
-            try:
-                if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, tmp_path / "server.log", 180)
         yield env["PREFECT_API_URL"]
     finally:
         stop(proc)

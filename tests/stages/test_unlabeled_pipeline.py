@@ -29,7 +29,8 @@ def test_unlabeled_folder_prepares_pretrains_and_evaluates(tmp_path, monkeypatch
     params = tiny_params({"device": "cpu",
                           "prepare": {"source": str(photos), "holdout_fraction": 0.25},
                           "pretrain": {"epochs": 1, "lr_milestones": [1]},
-                          "evaluate": {"label_free_images": 8}})
+                          "evaluate": {"label_free_images": 8},
+                          "export": {"int8": True}})  # asked for, but nothing to gate it with
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     metrics = tmp_path / "metrics"
     prepared_dir, encoder = tmp_path / "data" / "prepared", tmp_path / "models" / "encoder.pt"
