@@ -75,8 +75,8 @@ class BatchAugment(nn.Module):
       order of the four per image;
     - hue is a rotation about the gray axis of RGB space by 2*pi*h, which approximates
       torchvision's HSV hue shift by h (see `_hue_matrix`).
-    On CIFAR-10 (issue 7's ablation) hue 0.4, the paper's, costs about 3 kNN points against hue
-    0; the defaults in params.yaml follow that ablation.
+    On CIFAR-10 (docs/fidelity.md) hue 0.4, the paper's, costs kNN points against hue 0 (the
+    PretrainParams default); on the embedded set, whose colours are a nuisance, it is needed.
     """
 
     def __init__(self, out_size: int | tuple[int, int],
