@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,16 +26,7 @@ from instdisc.export import model_info, quantize_int8, to_onnx
 from instdisc.models.encoder import build_encoder
 from instdisc.serving.embedder import Embedder
 
-
-def timed(fn, min_seconds: float, min_repeats: int) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    times: list[float] = []
-    while len(times) < min_repeats or sum(times) < min_seconds:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_onnx import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def sgemm_peak(n: int = 2048) -> float:

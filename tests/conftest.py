@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -115,3 +116,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process's session (server workers, child processes), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

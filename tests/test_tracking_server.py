@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_pipeline_repo, pipeline_env, tiny_params, wait_healthy
+from conftest import make_pipeline_repo, pipeline_env, stop_session, tiny_params, wait_healthy
 
 BIN = Path(sys.executable).parent
 
@@ -38,12 +37,7 @@ def mlflow_server(tmp_path: Path):
         wait_healthy(f"{url}/health", proc, tmp_path / "mlflow-server.log", 120)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_session(proc)
         log.close()
 
 
