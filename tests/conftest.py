@@ -96,6 +96,14 @@ def make_pipeline_repo(root: Path, overrides: dict | None = None) -> Path:
     return repo
 
 
+def declared_outputs(repo: Path, stages: list[str] | None = None) -> dict[str, list[str]]:
+    """{stage: paths of its outs, metrics and plots} from `repo`'s dvc.yaml (`stages` or all)."""
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return {name: [entry if isinstance(entry, str) else next(iter(entry))
+                   for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]
+            for name, stage in declared.items() if stages is None or name in stages}
+
+
 @pytest.fixture
 def pipeline_repo(tmp_path: Path) -> Path:
     """A fresh temp repo with the tiny pipeline (see `make_pipeline_repo`)."""

@@ -147,6 +147,23 @@ class BatchAugment(nn.Module):
                           align_corners=False)                             # (B, 3, h, w), 0..255
         return self._color(x, u[:, 2 * _CROP_TRIES + 3:])
 
+    @torch.no_grad()
+    def augment_crops(self, crops: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """`forward` without the crop, for crops already made: (B, 3, h, w) uint8, or float
+        with values 0..255 -> flipped, jittered, grayscaled, normalised float32 (B, 3, h, w).
+
+        The file path's device decode (`instdisc.data.device_decode`) crops each image itself.
+        """
+        x = channels_first(crops)                                          # (B, 3, h, w)
+        B, device = x.shape[0], x.device
+        if self.luma.device != device:
+            self.to(device)
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand(B, 7, generator=generator, device=gen_device).to(device)  # (B, 7)
+        flip = ((u[:, 6] < 0.5) & self.hflip).view(B, 1, 1, 1)            # (B, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x).float()                        # (B, 3, h, w), a copy
+        return self._color(x, u[:, :6])
+
     def _crop_grid(self, u: Tensor, H: int, W: int) -> Tensor:
         """RandomResizedCrop + flip as a `grid_sample` grid (B, h, w, 2). u: (B, 2*tries+3).
 

@@ -4,11 +4,14 @@ Two paths, one interface:
 - array storage: the whole uint8 split is copied to the device once (cached on the `SplitData`)
   and whole batches are gathered and augmented there by `BatchAugment`;
 - manifest storage: a `FileDataset` decodes files in DataLoader workers (persistent, pinned memory
-  on CUDA) with torchvision v2 transforms (`train_file_transform` / `eval_file_transform`).
+  on CUDA) with the per-image transforms of `instdisc.data.file_transforms`; or, for training with
+  decode "device", workers only read the bytes and `instdisc.data.device_decode` decodes and
+  augments each batch on the device.
 
 Shuffling uses `torch.randperm` on torch's global CPU RNG, so a reseeded epoch is reproduced exactly
 (docs/DESIGN.md, "Random numbers"); under DDP every rank draws the same permutation and keeps its
-strided shard. File transforms are seeded per sample from that same RNG, whichever worker runs them.
+strided shard. File transforms (and the device path's crops) are seeded per sample from that same
+RNG, whichever worker runs them.
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from instdisc.data.augment import MEAN, STD, BatchAugment, eval_transform
+from instdisc.data.device_decode import (DeviceDecoder, FileBytesDataset, collate_bytes,
+                                         resolve_decode)
+from instdisc.data.file_transforms import (EvalFileTransform, TrainFileTransform,
+                                           eval_file_transform, seeded_cpu_rng,
+                                           train_file_transform)
 from instdisc.data.prepared import SplitData
 from instdisc.data.sources import decode_rgb
+
+__all__ = ["Batches", "FileDataset", "TrainLoader", "eval_batches", "eval_file_transform",
+           "num_batches", "resolve_decode", "shard_order", "train_batches",
+           "train_file_transform"]
 
 Batches = Iterator[tuple[Tensor, Tensor]]
 
@@ -55,10 +66,10 @@ class TrainLoader:
     def __init__(self, split: SplitData, batch_size: int, augment: BatchAugment,
                  device: torch.device | str, *, file_transform: Callable | None = None,
                  num_workers: int = 0, drop_last: bool = True, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, decode: str = "cpu") -> None:
         self.split, self.batch_size, self.augment, self.device = split, batch_size, augment, device
         self.options = dict(file_transform=file_transform, num_workers=num_workers,
-                            drop_last=drop_last, rank=rank, world_size=world_size)
+                            drop_last=drop_last, rank=rank, world_size=world_size, decode=decode)
 
     def __iter__(self) -> Batches:
         return train_batches(self.split, self.batch_size, self.augment, self.device,
@@ -74,18 +85,22 @@ class TrainLoader:
 def train_batches(split: SplitData, batch_size: int, augment: BatchAugment,
                   device: torch.device | str, *, file_transform: Callable | None = None,
                   num_workers: int = 0, drop_last: bool = True, rank: int = 0,
-                  world_size: int = 1, after_shard_seed: int | None = None) -> Batches:
+                  world_size: int = 1, after_shard_seed: int | None = None,
+                  decode: str = "cpu") -> Batches:
     """One shuffled epoch of augmented batches: (float (B, 3, h, w), int64 (B,)), both on `device`.
 
     The permutation is drawn from torch's global RNG when this is called (the same on every
     rank); then, if `after_shard_seed` is given, the global RNG is reseeded with it, so the
     augmentation draws (and whatever the caller draws next) are this rank's own. Array splits
     are augmented on `device` by `augment`; manifest splits by `file_transform` in workers
-    (default: `train_file_transform` with `augment`'s settings).
+    (default: `train_file_transform` with `augment`'s settings), or, with `decode` "device"
+    ("auto": on CUDA), decoded and augmented batch-wise on `device` by `DeviceDecoder` with
+    `augment`'s settings (`file_transform` is then not used).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
+    decode = resolve_decode(decode, device)
     order = shard_order(split.num_items, rank, world_size, drop_last)      # (n_rank,)
     if after_shard_seed is not None:
         torch.manual_seed(after_shard_seed)
@@ -93,12 +108,14 @@ def train_batches(split: SplitData, batch_size: int, augment: BatchAugment,
     if split.storage == "array":
         return _array_batches(split.images_on(device), order.to(device), batch_size, count,
                               augment)
-    if file_transform is None:
-        file_transform = _default_train_transform(augment)
     seeds = torch.randint(0, 2**62, (len(order),))                         # (n_rank,)
     batches = [list(zip(order[i * batch_size:(i + 1) * batch_size].tolist(),
                         seeds[i * batch_size:(i + 1) * batch_size].tolist()))
                for i in range(count)]
+    if decode == "device":
+        return _device_batches(split, augment, batches, device, num_workers)
+    if file_transform is None:
+        file_transform = _default_train_transform(augment)
     return _file_batches(split, "train", file_transform, batches, device, num_workers)
 
 
@@ -127,48 +144,16 @@ def eval_batches(split: SplitData, batch_size: int, device: torch.device | str, 
                          batches, device, num_workers)
 
 
-def train_file_transform(image_size: int, crop_scale_min: float = 0.2, color_jitter: float = 0.4,
-                         grayscale_prob: float = 0.2, hflip: bool = True,
-                         hue: float | None = None, jitter_prob: float = 1.0,
-                         mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
-    """PIL RGB image -> normalised float (3, S, S): the paper's augmentation, per image.
-
-    `hue` defaults to `color_jitter` (capped at 0.5); jitter is applied with `jitter_prob`.
-    """
-    hue = min(color_jitter, 0.5) if hue is None else hue
-    jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter, hue)
-    steps = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
-             v2.RandomApply([jitter], p=jitter_prob) if jitter_prob < 1.0 else jitter,
-             v2.RandomGrayscale(grayscale_prob)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_normalized_tensor(mean, std))
-
-
-def eval_file_transform(image_size: int, resize: int | None = None,
-                        mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
-    """PIL RGB image -> normalised float (3, S, S): resize, then the centre S x S crop.
-
-    The shorter side goes to `resize`, by default int(S / 0.875) (256 for S = 224).
-    """
-    resize = int(image_size / 0.875) if resize is None else resize
-    return v2.Compose([v2.Resize(resize, antialias=True),
-                       v2.CenterCrop(image_size)] + _to_normalized_tensor(mean, std))
-
-
 _eval_file_transform = functools.lru_cache(maxsize=8)(eval_file_transform)  # stable ids, see below
-
-
-def _to_normalized_tensor(mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std))]
 
 
 class FileDataset(Dataset):
     """Files of a manifest split; item `(index, seed)` -> (transformed image, index).
 
-    The transform runs under its own RNG state seeded with `seed`, so the result does not depend
-    on which worker (or the main process) runs it, and the caller's RNG is left alone.
+    The transform runs with torch's CPU generator seeded with `seed` (`seeded_cpu_rng`), so the
+    result does not depend on which worker (or the main process) runs it, and the caller's RNG
+    is left alone. A `TrainFileTransform` or `EvalFileTransform` gets the file's path and decodes
+    it itself (drafting large JPEGs); any other transform gets the decoded RGB PIL image.
     """
 
     def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
@@ -180,10 +165,11 @@ class FileDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
         index, seed = key
-        image, _ = decode_rgb(self.paths[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), index                            # (3, S, S)
+        source = self.paths[index]
+        if not isinstance(self.transform, (TrainFileTransform, EvalFileTransform)):
+            source, _ = decode_rgb(source)
+        with seeded_cpu_rng(seed):
+            return self.transform(source), index                           # (3, S, S)
 
 
 class _EpochBatches:
@@ -199,24 +185,35 @@ class _EpochBatches:
         return len(self.batches)
 
 
-# Per split and role ("train", "eval"): one DataLoader whose workers persist across epochs.
+# Per split and role ("train", "eval", "train-bytes"): one DataLoader whose workers persist
+# across epochs.
 # Entries go away with the split.
 _LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _loader(split: SplitData, role: str, key: tuple, make: Callable[[], Dataset],
+            batches: list[list[tuple[int, int]]], num_workers: int, pin_memory: bool,
+            collate: Callable | None = None, keep: object = None) -> DataLoader:
+    """The persistent DataLoader of (split, role), rebuilt when `key` changes; `keep` is held
+    with it (a transform whose id is part of the key stays alive, so the id stays unique)."""
+    roles = _LOADERS.setdefault(split, {})
+    if role not in roles or roles[role][0] != key:
+        sampler = _EpochBatches()
+        loader = DataLoader(make(), batch_sampler=sampler, num_workers=num_workers,
+                            persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                            collate_fn=collate)
+        roles[role] = (key, loader, sampler, keep)
+    _, loader, sampler, _ = roles[role]
+    sampler.batches = batches
+    return loader
 
 
 def _file_batches(split: SplitData, role: str, transform: Callable,
                   batches: list[list[tuple[int, int]]], device: torch.device,
                   num_workers: int) -> Batches:
-    key = (id(transform), num_workers, device.type)
-    roles = _LOADERS.setdefault(split, {})
-    if role not in roles or roles[role][0] != key:
-        sampler = _EpochBatches()
-        loader = DataLoader(FileDataset(split.paths, transform), batch_sampler=sampler,
-                            num_workers=num_workers, persistent_workers=num_workers > 0,
-                            pin_memory=device.type == "cuda")
-        roles[role] = (key, loader, sampler, transform)  # holding `transform` keeps its id unique
-    _, loader, sampler, _ = roles[role]
-    sampler.batches = batches
+    loader = _loader(split, role, (id(transform), num_workers, device.type),
+                     lambda: FileDataset(split.paths, transform), batches, num_workers,
+                     pin_memory=device.type == "cuda", keep=transform)
 
     def generate() -> Batches:
         for images, indices in loader:
@@ -225,10 +222,24 @@ def _file_batches(split: SplitData, role: str, transform: Callable,
     return generate()
 
 
+def _device_batches(split: SplitData, augment: BatchAugment,
+                    batches: list[list[tuple[int, int]]], device: torch.device,
+                    num_workers: int) -> Batches:
+    """Workers read bytes; each batch is decoded and augmented on `device` (`DeviceDecoder`)."""
+    loader = _loader(split, "train-bytes", (num_workers,), lambda: FileBytesDataset(split.paths),
+                     batches, num_workers, pin_memory=False, collate=collate_bytes)
+    decoder = DeviceDecoder(augment, device)
+
+    def generate() -> Batches:
+        for data, indices, seeds in loader:
+            yield decoder(data, seeds), indices.to(device, non_blocking=True)  # (B, 3, h, w), (B,)
+    return generate()
+
+
 _DEFAULT_TRANSFORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _default_train_transform(augment: BatchAugment) -> v2.Compose:
+def _default_train_transform(augment: BatchAugment) -> TrainFileTransform:
     """`train_file_transform` with `augment`'s settings, built once per augment module."""
     if augment not in _DEFAULT_TRANSFORMS:
         _DEFAULT_TRANSFORMS[augment] = train_file_transform(

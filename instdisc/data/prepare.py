@@ -7,29 +7,26 @@ training images as test. Labels are the class folders, or UNLABELED (-1) for an 
 (`labels`, see `instdisc.data.sources`). Every image file is decoded with Pillow and converted to
 RGB; unreadable ones are reported and left out (or are an error with on_error = "fail"); files
 with identical bytes are reported (and kept). Indices are stable: images are ordered by (class
-index, file name), classes being the sorted train class folders. If every kept
-image has at most `max_in_memory_size` pixels a side, each split becomes one uint8 array (resized to
-`image_size`, or to the most common size when sizes differ); otherwise every split is a manifest of
-files: the originals of a folder source, or the images extracted from an archive into `files/`.
+index, file name), classes being the sorted train class folders. How the kept images are stored
+(one uint8 array per split, or a manifest of files, optionally re-encoded at a bounded shorter
+side) is `instdisc.data.storage`.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from instdisc.config import PrepareParams
-from instdisc.data.prepared import UNLABELED, SplitArrays, atomic_output_dir, write_prepared
+from instdisc.data.prepared import UNLABELED, atomic_output_dir, write_prepared
 from instdisc.data.sources import (
     DECODE_ERRORS,
     EVAL_SPLITS,
@@ -40,26 +37,12 @@ from instdisc.data.sources import (
     decode_rgb,
     source_kind,
 )
+from instdisc.data.storage import Item, Items, assemble, extract
 from instdisc.data.synthetic import make_synthetic
 
 log = logging.getLogger(__name__)
 
 UNLABELED_COUNT = "(unlabeled)"  # the one key of a split's counts when the source has no labels
-
-
-@dataclass
-class _Item:
-    """One decoded image: a small one keeps its pixels; a file-backed one its manifest path."""
-
-    label: int
-    relpath: str  # <split>/<class>/<name>
-    size: tuple[int, int]  # (H, W) as decoded
-    pixels: np.ndarray | None = None  # uint8 (H, W, 3), small images only
-    path: str | None = None  # manifest path: absolute original, or "files/<relpath>"
-    raw: bytes | None = None  # archive bytes of a small image, in case the storage is a manifest
-
-
-Items = dict[str, list[_Item]]  # split -> items in index order
 
 
 def prepare(params: PrepareParams, seed: int, out_dir: Path,
@@ -70,11 +53,13 @@ def prepare(params: PrepareParams, seed: int, out_dir: Path,
     {split: source folder, "." for the whole source, or "held out of train"}, holdout, splits
     (as meta.json), counts per split and class, skipped [{file, reason}], duplicates [[files
     with the same bytes]], converted {mode: count}, ignored_splits, ignored_files, storage,
-    image_size, resized, fingerprint.
+    image_size, resized, reencoded ({max_shorter_side, quality, count, bytes_before,
+    bytes_after}, or null), fingerprint.
 
     `seed` draws the synthetic source and the held-out split. Raises ValueError for a missing or
-    unknown source, a missing train or evaluation split (with holdout_fraction 0), a test class
-    absent from train, an empty split, or (with on_error = "fail") the first unreadable file.
+    unknown source, a missing train or evaluation split (with holdout_fraction 0), a split
+    folder without class folders in a labelled source, a test class absent from train, an empty
+    split, or (with on_error = "fail") the first unreadable file.
     """
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir) as tmp:
@@ -84,7 +69,7 @@ def prepare(params: PrepareParams, seed: int, out_dir: Path,
             classes, items, report = _source_items(Path(params.source), params, seed, tmp,
                                                    progress)
         items["train"] = _keep_fraction(items["train"], params.train_fraction, tmp)
-        splits, layout = _assemble(items, params, tmp)
+        splits, layout = assemble(items, params, tmp)
         report.update(layout)
         report["counts"] = {split: _counts(its, classes) for split, its in items.items()}
         meta, report = write_prepared(tmp, source=params.source, classes=classes,
@@ -95,7 +80,7 @@ def prepare(params: PrepareParams, seed: int, out_dir: Path,
     return report
 
 
-def _counts(items: list[_Item], classes: list[str]) -> dict[str, int]:
+def _counts(items: list[Item], classes: list[str]) -> dict[str, int]:
     if not classes:
         return {UNLABELED_COUNT: len(items)}
     labels = np.array([it.label for it in items], dtype=np.int64)
@@ -114,7 +99,7 @@ def _synthetic_items(params: PrepareParams, seed: int) -> tuple[list[str], Items
         for image, label in zip(images, labels.tolist()):
             name = f"{split}/{classes[label]}/{per_class[label]:05d}.png"
             per_class[label] += 1
-            items[split].append(_Item(label, name, image.shape[:2], pixels=image))
+            items[split].append(Item(label, name, image.shape[:2], pixels=image))
     report = {"source": "synthetic", "kind": "synthetic", "seed": seed, "labeled": True,
               "skipped": [], "duplicates": [], "converted": {}, "ignored_splits": [],
               "ignored_files": []}
@@ -154,13 +139,13 @@ def _source_items(path: Path, params: PrepareParams, seed: int, tmp: Path,
                 converted[mode] += 1
             size = (image.height, image.width)
             label = index[entry.class_name] if classes else UNLABELED
-            item = _Item(label, entry.relpath, size)
+            item = Item(label, entry.relpath, size)
             if max(size) <= params.max_in_memory_size:
                 item.pixels = np.asarray(image)  # (H, W, 3) uint8
             if isinstance(record.data, Path):
                 item.path = str(record.data)
             elif item.pixels is None:
-                item.path = _extract(tmp, entry.relpath, data)
+                item.path = extract(tmp, entry.relpath, data)
             else:
                 item.raw = data
             items[split_of[entry.split]].append(item)
@@ -193,7 +178,9 @@ def _split_folders(source: ImageSource, params: PrepareParams) -> dict[str, str 
         train, test = NO_SPLIT, None
     else:
         train = asked.train or "train"
-        test = asked.test or next((s for s in EVAL_SPLITS if s in found and s != train), None)
+        test = asked.test or next((s for s in EVAL_SPLITS if s != train and (
+            s in found or s in source.flat_splits)), None)
+        source.check_labelled_splits({"train": train, "test": test})  # flat val/: clear error
         missing = [f for f in (train, asked.test) if f and f not in found]
         if missing:
             raise ValueError(f"{where!r} has no {missing[0]} split: found {found}; expected "
@@ -225,8 +212,8 @@ def _check_layout(source: ImageSource, folders: dict[str, str | None]) -> list[s
     return classes
 
 
-def _hold_out(items: list[_Item], fraction: float,
-              seed: int) -> tuple[list[_Item], list[_Item]]:
+def _hold_out(items: list[Item], fraction: float,
+              seed: int) -> tuple[list[Item], list[Item]]:
     """(train, test): ceil(fraction * n_c) items of every label drawn with `seed` (a label's last
     item is never held out), both in index order."""
     generator = np.random.default_rng(seed)
@@ -260,15 +247,7 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _extract(tmp: Path, relpath: str, data: bytes) -> str:
-    """Write archive bytes to tmp/files/<relpath>; returns the manifest path."""
-    target = tmp / "files" / relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return f"files/{relpath}"
-
-
-def _keep_fraction(items: list[_Item], fraction: float, tmp: Path) -> list[_Item]:
+def _keep_fraction(items: list[Item], fraction: float, tmp: Path) -> list[Item]:
     """The first ceil(fraction * count) items of every class, in index order."""
     if fraction >= 1.0:
         return items
@@ -284,50 +263,3 @@ def _keep_fraction(items: list[_Item], fraction: float, tmp: Path) -> list[_Item
             (tmp / it.path).unlink()  # extracted, then dropped
     log.info("train_fraction %.3g: kept %d of %d training images", fraction, len(kept), len(items))
     return kept
-
-
-def _assemble(items: Items, params: PrepareParams,
-              tmp: Path) -> tuple[dict[str, SplitArrays], dict[str, Any]]:
-    """SplitArrays per split plus the storage part of the report."""
-    labels = {s: np.array([it.label for it in its], dtype=np.int64) for s, its in items.items()}
-    every = [it for its in items.values() for it in its]
-    large = [it for it in every if max(it.size) > params.max_in_memory_size]
-    if large:
-        log.info("%d images exceed max_in_memory_size = %d (e.g. %s): manifest storage",
-                 len(large), params.max_in_memory_size, large[0].relpath)
-        paths = {s: [it.path or _write_file(tmp, it) for it in its] for s, its in items.items()}
-        splits = {s: SplitArrays(labels[s], paths=paths[s]) for s in items}
-        return splits, {"storage": "manifest", "image_size": None, "resized": None}
-    if params.image_size > 0:
-        size, why = (params.image_size, params.image_size), "image_size"
-    else:
-        sizes = collections.Counter(it.size for it in every)
-        size = max(sizes, key=lambda s: (sizes[s], s))  # most common; ties -> the larger
-        why = "most common size" if len(sizes) > 1 else None
-    resized = 0
-    splits = {}
-    for split, its in items.items():
-        images = np.empty((len(its), size[0], size[1], 3), np.uint8)  # (N, H, W, 3)
-        for i, it in enumerate(its):
-            images[i] = it.pixels if it.size == size else _resize(it.pixels, size)
-            resized += it.size != size
-        splits[split] = SplitArrays(labels[split], images=images)
-    if resized:
-        log.info("resized %d images to %dx%d (%s)", resized, size[0], size[1], why)
-    summary = {"count": resized, "to": list(size), "why": why} if resized else None
-    return splits, {"storage": "array", "image_size": list(size), "resized": summary}
-
-
-def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (h, w, 3) -> (H, W, 3), bicubic with Pillow's antialiasing (aspect not kept)."""
-    image = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(image)
-
-
-def _write_file(tmp: Path, item: _Item) -> str:
-    """Put a small image that has no file yet under tmp/files/ (archive bytes, or a PNG)."""
-    if item.raw is None:
-        buffer = io.BytesIO()
-        Image.fromarray(item.pixels).save(buffer, format="PNG")
-        item.raw = buffer.getvalue()
-    return _extract(tmp, item.relpath, item.raw)

@@ -13,7 +13,9 @@ silently. Files where an image may be are yielded whatever their type, so that t
 report a README or a corrupt JPEG as unreadable; files outside that place (`README.md` or a stray
 `classes.tsv` next to the split folders, `train/labels.txt` in a labelled tree) are listed in
 `ImageSource.ignored`. Files in sub-folders of a class folder belong to that class, as in
-torchvision's ImageFolder.
+torchvision's ImageFolder. A split folder of a labelled source that holds images directly and no
+class folder (ImageNet's `val/` as distributed, its labels in a separate file) is "flat": listed in
+`ImageSource.flat_splits`, and an error when read as a split (`check_labelled_splits`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -153,7 +155,9 @@ class ImageSource:
     labels: "folders" (class folders, as torchvision's ImageFolder), "none" (folders below the
     split are just nesting) or "auto" (class folders iff there are split folders and some split
     has a sub-folder). `split_names`: top-level folder names that mean "this source has split
-    folders". After construction, `labeled` and `has_splits` say what was found.
+    folders". After construction, `labeled` and `has_splits` say what was found, and
+    `flat_splits` {folder: image count} the split folders of a labelled source whose images lie
+    directly in them, with no class folder (they have no entries; see `check_labelled_splits`).
     """
 
     def __init__(self, path: Path, labels: str = "folders",
@@ -165,8 +169,8 @@ class ImageSource:
         self._archive: Archive | None = None
         try:
             members = self._open_listing()
-            self.entries, self.ignored, self.labeled, self.has_splits = _layout(
-                members, self.path, labels, set(split_names))
+            (self.entries, self.ignored, self.labeled, self.has_splits,
+             self.flat_splits) = _layout(members, self.path, labels, set(split_names))
         except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
             self.close()
             raise ValueError(f"cannot read archive {str(self.path)!r}: {err}") from err
@@ -201,6 +205,28 @@ class ImageSource:
         """Split folder names found, sorted ([""] without split folders)."""
         return sorted({e.split for e in self.entries})
 
+    def check_labelled_splits(self, folders: dict[str, str | None]) -> None:
+        """ValueError if a folder of `folders` {prepared split: source folder} is flat (images
+        directly in it, no class folder) in this labelled source; the message says the ways out.
+
+        Nothing is guessed: reading it unlabelled would leave the test split without the labels
+        kNN scores, and silently dropping it would evaluate on something else than asked for.
+        """
+        flat = [(split, f) for split, f in folders.items() if f in self.flat_splits]
+        if not flat:
+            return
+        split, folder = flat[0]
+        labelled = ", ".join(f"{s}/" for s in self.splits if s) or "the rest"
+        holdout = (f"; or, to hold prepare.holdout_fraction of train out as the test split, move "
+                   f"{folder}/ out of the source") if split == "test" else ""
+        raise ValueError(
+            f"{str(self.path)!r}: the {split} folder {folder}/ has {self.flat_splits[folder]} "
+            f"images directly in it and no class folders, but {labelled} has class folders. "
+            f"Sort them into {folder}/<class>/ (ImageNet's val/ ships flat, its labels in a "
+            "separate file), point prepare.splits at folders with class folders, or set "
+            "prepare.labels: none to use every image without labels (kNN skipped, label-free "
+            f"metrics only){holdout}")
+
     def classes(self, split: str) -> list[str]:
         """Class folder names of one split, sorted."""
         return sorted({e.class_name for e in self.entries if e.split == split})
@@ -233,32 +259,35 @@ def iter_source(path: Path) -> Iterator[SourceRecord]:
         yield from source.records()
 
 
-def decode_rgb(data: bytes | Path) -> tuple[Image.Image, str]:
+def decode_rgb(data: bytes | Path, before_load: Callable[[Image.Image], None] | None = None
+               ) -> tuple[Image.Image, str]:
     """Decode an image fully and convert it to RGB; returns (image, original mode).
 
     Raises whatever Pillow raises for unreadable data (see `DECODE_ERRORS`). Alpha is dropped
     and palettes are expanded, as `PIL.Image.convert("RGB")` does (torchvision's loader);
     16/32-bit grayscale is scaled to 8 bits rather than clipped. EXIF orientation is not applied
-    (torchvision's loader does not either).
+    (torchvision's loader does not either). `before_load(image)` runs on the opened, not yet
+    decoded image (the file-backed loaders `Image.draft` large JPEGs there).
     """
     if isinstance(data, Path):
         data = data.read_bytes()
     if not data:
         raise ValueError("empty file")
     try:
-        opened = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to close, so no copy to keep
     except UnidentifiedImageError:  # its message names a BytesIO object's address: unstable
         raise UnidentifiedImageError("cannot identify image file") from None
-    with opened as image:
-        image.load()  # decodes everything: truncated files fail here, not later
-        mode = image.mode
-        if mode == "RGB":
-            return image.copy(), mode
-        if mode == "P" and "transparency" in image.info:
-            return image.convert("RGBA").convert("RGB"), mode
-        if mode.startswith("I;16") or mode in ("I", "F"):
-            return _wide_gray_to_rgb(image), mode
-        return image.convert("RGB"), mode
+    if before_load is not None:
+        before_load(image)
+    image.load()  # decodes everything: truncated files fail here, not later
+    mode = image.mode
+    if mode == "RGB":
+        return image, mode
+    if mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB"), mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _wide_gray_to_rgb(image), mode
+    return image.convert("RGB"), mode
 
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -298,10 +327,10 @@ def _check_member(member: str, archive: Path) -> PurePosixPath:
     return path
 
 
-def _layout(members: list[str], root: Path, labels: str,
-            split_names: set[str]) -> tuple[list[Entry], list[str], bool, bool]:
-    """Map member paths to sorted entries plus the non-hidden leftovers; also (labeled, has_splits).
-    """
+def _layout(members: list[str], root: Path, labels: str, split_names: set[str],
+            ) -> tuple[list[Entry], list[str], bool, bool, dict[str, int]]:
+    """Map member paths to sorted entries plus the non-hidden leftovers; also (labeled,
+    has_splits, flat splits {folder: images directly in it})."""
     parts: dict[str, tuple[str, ...]] = {}
     for member in members:
         path = _check_member(member, root)
@@ -333,4 +362,21 @@ def _layout(members: list[str], root: Path, labels: str,
         where = "<split>/<class>/" if labeled else "the split folders"
         log.info("%s: %d files outside %s ignored, e.g. %s", root, len(ignored), where,
                  sorted(ignored)[0])
-    return entries, sorted(ignored), labeled, has_splits
+    flat = _flat_splits(parts, {e.split for e in entries}, split_names) if labeled else {}
+    if flat:
+        log.warning("%s: split folders without class folders (images directly in them, no "
+                    "labels): %s", root, flat)
+    return entries, sorted(ignored), labeled, has_splits, flat
+
+
+def _flat_splits(parts: dict[str, tuple[str, ...]], with_entries: set[str],
+                 split_names: set[str]) -> dict[str, int]:
+    """{split folder: image files (by suffix) directly in it} for the split folders of a
+    labelled layout that hold such files but no class folder, sorted by folder."""
+    suffixes = Image.registered_extensions()  # {".jpg": "JPEG", ...}
+    counts: dict[str, int] = {}
+    for p in parts.values():
+        if (len(p) == 2 and p[0] in split_names and p[0] not in with_entries
+                and PurePosixPath(p[1]).suffix.lower() in suffixes):
+            counts[p[0]] = counts.get(p[0], 0) + 1
+    return dict(sorted(counts.items()))

@@ -52,6 +52,35 @@ def messy_tree() -> dict[str, bytes]:
     return files
 
 
+WNIDS = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
+
+
+def imagenet_tree(num_classes: int = 2, train_per_class: int = 4, val_per_class: int = 2,
+                  sizes: tuple[int, ...] = (8,)) -> dict[str, bytes]:
+    """train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, a stray classes.tsv (wnid<TAB>name), the second
+    image of every class and split grayscale (mode L); image i is sizes[i % len(sizes)] a side."""
+    wnids = list(WNIDS)[:num_classes]
+    files = {"classes.tsv": "".join(f"{w}\t{WNIDS[w]}\n" for w in wnids).encode()}
+    for c, wnid in enumerate(wnids):
+        for split, n in (("train", train_per_class), ("val", val_per_class)):
+            for i in range(n):
+                image = rgb(sizes[i % len(sizes)], 100 * c + 10 * i + len(split))
+                if i == 1:
+                    image = image.convert("L")
+                files[f"{split}/{wnid}/{wnid}_{i}.JPEG"] = encode(image, "JPEG")
+    return files
+
+
+def photo_collection(count: int, size: int = 16) -> dict[str, bytes]:
+    """An unlabelled photo folder: `count` JPEGs and PNGs at the top and in nested dated folders
+    (no split or class folders), plus a notes.txt that is not an image."""
+    files = {"notes.txt": b"holiday pictures\n"}
+    for i in range(count):
+        where, fmt = [("", "JPEG"), ("2019/trip/", "JPEG"), ("2020/", "PNG")][i % 3]
+        files[f"{where}{i:03d}.{fmt.lower()}"] = encode(rgb(size, 500 + i), fmt)
+    return files
+
+
 def write_folder(root: Path, files: dict[str, bytes]) -> Path:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from image_trees import clean_tree, encode, rgb, write_folder, write_tar, write_zip
+from image_trees import (clean_tree, encode, imagenet_tree, rgb, write_folder, write_tar,
+                         write_zip)
 
 from instdisc.config import PrepareParams, SplitFolders, load_section
 from instdisc.data.prepare import UNLABELED_COUNT, prepare
@@ -17,19 +18,6 @@ from instdisc.data.sources import ImageSource
 def run(tmp_path: Path, source, out="prepared", **params):
     return prepare(PrepareParams(source=str(source), **params), seed=0, out_dir=tmp_path / out,
                    progress=False)
-
-
-def imagenet_tree() -> dict[str, bytes]:
-    """train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, a stray classes.tsv, some grayscale JPEGs."""
-    files = {"classes.tsv": b"n01440764\ttench\nn01443537\tgoldfish\n"}
-    for c, wnid in enumerate(("n01440764", "n01443537")):
-        for split, n in (("train", 4), ("val", 2)):
-            for i in range(n):
-                image = rgb(8, 100 * c + 10 * i + len(split))
-                if i == 1:
-                    image = image.convert("L")
-                files[f"{split}/{wnid}/{wnid}_{i}.JPEG"] = encode(image, "JPEG")
-    return files
 
 
 def test_imagenet_style_zip_takes_val_as_the_test_split(tmp_path):
@@ -137,3 +125,45 @@ def test_duplicates_across_splits_are_reported_not_dropped(tmp_path):
     assert report["counts"]["test"]["dog"] == 3
     images = PreparedDataset.open(tmp_path / "prepared").split("test").images.numpy()
     np.testing.assert_array_equal(images[-1], np.asarray(rgb(8, 5)))
+
+
+def labelled_train_flat_val() -> dict[str, bytes]:
+    """train/<class>/ next to ImageNet's val/ as distributed: images directly in val/."""
+    files = {k: v for k, v in clean_tree().items() if k.startswith("train/")}
+    return files | {f"val/ILSVRC2012_val_{i:08d}.JPEG": encode(rgb(8, 60 + i), "JPEG")
+                    for i in range(3)}
+
+
+def test_flat_val_next_to_labelled_train_is_an_error_that_says_how_to_fix_it(tmp_path):
+    src = write_zip(tmp_path / "imagenet.zip", labelled_train_flat_val(), prefix="ILSVRC/")
+    with ImageSource(src, labels="auto") as source:
+        assert source.labeled and source.splits == ["train"] and source.flat_splits == {"val": 3}
+    fix = (r"the test folder val/ has 3 images directly in it and no class folders, but train/ "
+           r"has class folders\. Sort them into val/<class>/ .* prepare\.splits .* "
+           r"prepare\.labels: none .* move val/ out of the source")
+    for params in ({}, {"holdout_fraction": 0.0}, {"splits": SplitFolders("train", "val")}):
+        with pytest.raises(ValueError, match=fix):  # not a silent holdout, nor "no val split"
+            run(tmp_path, src, **params)
+    assert not (tmp_path / "prepared").exists()
+    report = run(tmp_path, src, labels="none")  # the way out that keeps val/ as the test split
+    assert report["labeled"] is False and report["split_folders"] == {"train": "train",
+                                                                       "test": "val"}
+    assert report["counts"] == {"train": {UNLABELED_COUNT: 6}, "test": {UNLABELED_COUNT: 3}}
+
+
+def test_flat_folder_that_is_not_read_or_has_classes_is_no_error(tmp_path):
+    files = clean_tree() | {f"val/{i}.png": encode(rgb(8, 70 + i), "PNG") for i in range(2)}
+    report = run(tmp_path, write_folder(tmp_path / "a", files))  # test/ comes before val/
+    assert report["split_folders"] == {"train": "train", "test": "test"}
+    assert report["ignored_files"] == ["val/0.png", "val/1.png"]
+    files = clean_tree() | {"test/labels.txt": b"cat\ndog\n", "test/extra.png": files["val/0.png"]}
+    with ImageSource(write_folder(tmp_path / "b", files), labels="auto") as source:
+        assert source.flat_splits == {}  # test/ has class folders: loose files are just ignored
+    files = {k: v for k, v in clean_tree().items() if k.startswith("train/")}
+    with ImageSource(write_folder(tmp_path / "c", files | {"val/README.txt": b"x"})) as source:
+        assert source.flat_splits == {}  # no image directly in val/
+    assert run(tmp_path, tmp_path / "c", out="c")["split_folders"]["test"] == "held out of train"
+    flat_train = {f"train/{i}.png": encode(rgb(8, i), "PNG") for i in range(3)}
+    flat_train |= {k: v for k, v in clean_tree().items() if k.startswith("test/")}
+    with pytest.raises(ValueError, match=r"the train folder train/ has 3 images directly in it"):
+        run(tmp_path, write_folder(tmp_path / "d", flat_train), out="d")
