@@ -9,7 +9,9 @@ all 10,000 test images, quarter-width ResNet-18 with the CIFAR stem, 30 epochs, 
 tau 0.1, constant lr 0.03, weighted kNN with k = 200 on features recomputed by the encoder (and
 by a random-init encoder of the same architecture, the baseline). Every `--run NAME k=v ...`
 overrides `PretrainParams` fields for one run. The prepared subset is cached in `--cache`.
-Results are printed as a table and appended as JSON lines to `--out`.
+Results are printed as a table and appended as JSON lines to `--out`; with `--plots DIR`, each
+run's per-epoch monitor (kNN and the label-free metrics, epoch 0 = random init) also goes to
+DIR/<run>_monitor.csv and DIR/<run>_label_free.png.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from typing import Any
 import torch
 import yaml
 
-from instdisc import runtime
+from instdisc import plots, runtime
 from instdisc.config import PrepareParams, PretrainParams
 from instdisc.data import loaders
 from instdisc.data.prepare import prepare
 from instdisc.data.prepared import PreparedDataset
+from instdisc.evaluate import label_free
 from instdisc.evaluate.knn import compute_features, knn_accuracy
 from instdisc.models.encoder import build_encoder
 from instdisc.train import fit
@@ -71,8 +74,20 @@ def knn_top1(encoder: torch.nn.Module, prepared: PreparedDataset, device: torch.
                         sigma=sigma)["top1"]
 
 
+def write_monitor(name: str, rows: list[dict[str, float]], out_dir: Path) -> dict[str, float]:
+    """<name>_monitor.csv and <name>_label_free.png in `out_dir`; returns the agreement of each
+    label-free metric with the kNN monitor (Spearman rank correlation across epochs)."""
+    agreement = label_free.agreement_with_knn(rows)
+    columns = ("epoch", "knn_top1", *label_free.METRICS)
+    plots.write_history_csv([{c: r.get(c) for c in columns} for r in rows],
+                            out_dir / f"{name}_monitor.csv")
+    plots.plot_monitor(rows, out_dir / f"{name}_label_free.png", columns[1:],
+                       titles=label_free.monitor_titles(agreement))
+    return agreement
+
+
 def run_one(name: str, overrides: dict[str, Any], data_dir: Path, work: Path, seed: int,
-            k: int) -> dict[str, Any]:
+            k: int, plots_dir: Path | None = None) -> dict[str, Any]:
     params = PretrainParams(**{**SUBSET_CONFIG, **overrides})
     device = torch.device("cpu")
     prepared = PreparedDataset.open(data_dir)
@@ -87,10 +102,15 @@ def run_one(name: str, overrides: dict[str, Any], data_dir: Path, work: Path, se
                                 params.width, params.init).to(device)
     baseline = knn_top1(random_init, prepared, device, k, params.temperature)
     history = trainer.history
+    monitored = [trainer.initial, *history]
+    agreement = write_monitor(name, monitored, plots_dir) if plots_dir else \
+        label_free.agreement_with_knn(monitored)
     return {"run": name, "overrides": overrides, "knn_top1": round(trained, 2),
             "random_init_top1": round(baseline, 2), "final_loss": history[-1]["loss"],
             "z": [r["z"] for r in history], "loss": [r["loss"] for r in history],
             "monitor": [r["knn_top1"] for r in history], "train_seconds": round(seconds, 1),
+            "label_free": [{m: r.get(m) for m in ("epoch", *label_free.METRICS)}
+                           for r in monitored], "label_free_vs_knn": agreement,
             "images_per_second": round(history[-1]["images_per_second"], 1),
             "params": dataclasses.asdict(params)}
 
@@ -124,6 +144,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, default=Path(".cache/bench/fidelity.jsonl"))
+    parser.add_argument("--plots", type=Path, default=None,
+                        help="folder for each run's monitor CSV and label-free PNG")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -136,12 +158,13 @@ def main() -> None:
     for name, overrides in parse_runs(args.run):
         if args.epochs is not None:
             overrides = {**overrides, "epochs": args.epochs}
-        result = run_one(name, overrides, data_dir, args.cache, args.seed, args.k)
+        result = run_one(name, overrides, data_dir, args.cache, args.seed, args.k, args.plots)
         results.append(result)
         with args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        log.info("%s: kNN %.2f (random init %.2f) in %.0f s", name, result["knn_top1"],
-                 result["random_init_top1"], result["train_seconds"])
+        log.info("%s: kNN %.2f (random init %.2f) in %.0f s; label-free rank corr. with kNN %s",
+                 name, result["knn_top1"], result["random_init_top1"], result["train_seconds"],
+                 {m: round(rho, 2) for m, rho in result["label_free_vs_knn"].items()})
     print(f"{'run':<24} {'kNN top-1':>9} {'random':>7} {'loss':>8} {'train s':>8} {'img/s':>7}")
     for r in results:
         print(f"{r['run']:<24} {r['knn_top1']:>9.2f} {r['random_init_top1']:>7.2f} "

@@ -57,6 +57,26 @@ def table_rows(flat: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def random_init_rows(flat: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """[{"stage", "metric", "trained", "random init", "beats random init"}] for every
+    `<stage>.beats_random_init.<metric>` flag (evaluate writes one per metric, kNN and label-free).
+
+    The values are looked up as `<stage>.knn.top1` / `<stage>.random_init.knn.top1` for
+    `knn_top1`, else `<stage>.label_free.<metric>` / `<stage>.random_init.label_free.<metric>`.
+    """
+    rows = []
+    for name, flag in flat.items():
+        stage, _, rest = name.partition(".")
+        if not rest.startswith("beats_random_init."):
+            continue
+        metric = rest.removeprefix("beats_random_init.")
+        key = "knn.top1" if metric == "knn_top1" else f"label_free.{metric}"
+        rows.append({"stage": stage, "metric": metric, "trained": flat.get(f"{stage}.{key}"),
+                     "random init": flat.get(f"{stage}.random_init.{key}"),
+                     "beats random init": "yes" if flag else "**no**"})
+    return rows
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured markdown table; floats to 4 significant digits."""
     if not rows:

@@ -145,7 +145,10 @@ def publish(flat: dict[str, Any], statuses: dict[str, str], title: str,
     create_table_artifact(rows, key="instdisc-metrics", description=title)
     summary = metrics.markdown_table([{"stage": k, "status": v} for k, v in statuses.items()])
     errors = "".join(f"\n\n## Failed\n\n```\n{f}\n```" for f in failures)
-    create_markdown_artifact(f"# {title}\n\n## Stages\n\n{summary}{errors}\n\n"
+    baseline = metrics.random_init_rows(flat)
+    versus = (f"## Trained vs random init\n\n{metrics.markdown_table(baseline)}\n\n"
+              if baseline else "")
+    create_markdown_artifact(f"# {title}\n\n## Stages\n\n{summary}{errors}\n\n{versus}"
                              f"## Final metrics\n\n{metrics.markdown_table(rows)}\n",
                              key="instdisc-pipeline", description=title)
 

@@ -78,6 +78,10 @@ class PrepareParams:
     on_error: Literal["skip", "fail"] = "skip"
     max_in_memory_size: int = 64  # images up to this many pixels a side are stored as one uint8 array
     image_size: int = 0  # resize in-memory images to this square size; 0 keeps the source size
+    # File-backed images with a longer shorter side are resized to it (aspect kept) and stored
+    # re-encoded as JPEG at reencode_quality (instdisc.data.storage); 0 keeps the originals.
+    max_shorter_side: int = 0
+    reencode_quality: int = 90
     train_fraction: float = 1.0  # keep this fraction of every class's training images (ablations)
     labels: Literal["auto", "folders", "none"] = "auto"  # class folders or not (sources.py)
     splits: SplitFolders = field(default_factory=SplitFolders)
@@ -88,6 +92,10 @@ class PrepareParams:
         _check(bool(self.source), "source", self.source, "'synthetic' or a path")
         _check(self.max_in_memory_size >= 1, "max_in_memory_size", self.max_in_memory_size, ">= 1")
         _check(self.image_size >= 0, "image_size", self.image_size, ">= 0")
+        _check(self.max_shorter_side == 0 or self.max_shorter_side >= 8, "max_shorter_side",
+               self.max_shorter_side, "0 (keep the originals) or >= 8 pixels")
+        _check(1 <= self.reencode_quality <= 95, "reencode_quality", self.reencode_quality,
+               "1..95 (JPEG quality; Pillow advises against more than 95)")
         _check(0.0 < self.train_fraction <= 1.0, "train_fraction", self.train_fraction, "(0, 1]")
         _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", self.holdout_fraction,
                "[0, 1) (0: the source must have an evaluation split)")
@@ -133,11 +141,20 @@ class PretrainParams:
     compile: bool = False
     num_workers: int = 4  # DataLoader workers for file-backed datasets
     monitor_queries: int = 1000  # test images used by the per-epoch kNN monitor (0 = off)
+    # held-out images for the per-epoch label-free metrics (alignment, uniformity, augmentation
+    # retrieval; evaluate.label_free_images measures the final encoder the same way); 0 = off
+    monitor_label_free: int = 1000
+    log_every: int = 50  # a progress log line (loss, img/s, ETA) every this many steps; 0 = off
     # Processes (GPUs) per machine: > 1 makes the stage launch itself under torchrun
     # (instdisc.runtime.launch_command), so `dvc repro` records multi-GPU runs in dvc.lock.
     nproc_per_node: int = 1
     nnodes: int = 1  # machines; > 1 needs rdzv_endpoint, the c10d rendezvous "host:port"
     rdzv_endpoint: str = ""  # "": a single machine (torchrun --standalone)
+    # File-backed sets: decode (and augment) JPEGs in DataLoader workers ("cpu") or batch-wise on
+    # the training device ("device": nvJPEG on CUDA; instdisc.data.device_decode); auto: device
+    # on CUDA, cpu elsewhere.
+    # The device path has been tested on the CPU only (no GPU run yet), hence cpu by default.
+    decode: Literal["auto", "cpu", "device"] = "cpu"
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "arch", self.arch, f"one of {', '.join(ARCHS)}")
@@ -171,7 +188,12 @@ class PretrainParams:
         _check(0.0 <= self.grayscale_prob <= 1.0, "grayscale_prob", self.grayscale_prob, "[0, 1]")
         _check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(self.decode in ("auto", "cpu", "device"), "decode", self.decode,
+               "one of auto, cpu, device")
         _check(self.monitor_queries >= 0, "monitor_queries", self.monitor_queries, ">= 0")
+        _check(self.monitor_label_free >= 0, "monitor_label_free", self.monitor_label_free,
+               ">= 0")
+        _check(self.log_every >= 0, "log_every", self.log_every, ">= 0")
 
     def ignored_by_loss(self) -> list[str]:
         """The keys of this section that the chosen `loss` does not read (reported by the stage,

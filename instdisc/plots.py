@@ -85,6 +85,38 @@ def plot_history(csv_path: Path | str, png_path: Path | str,
     atomic_write(Path(png_path), lambda fh: figure.savefig(fh, format="png", dpi=100))
 
 
+def plot_monitor(rows: Sequence[dict[str, float]], png_path: Path | str,
+                 columns: Sequence[str], titles: dict[str, str] | None = None) -> None:
+    """One subplot per column of `rows` (dicts with "epoch"; epoch 0 = the random-init encoder,
+    drawn as a hollow marker) against epoch, saved as a PNG; `titles` per column. Columns no row
+    has a finite value of are left out; with none left the figure says so (the file always
+    exists: it is a DVC output)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = [c for c in columns if any(math.isfinite(r.get(c, math.nan)) for r in rows)]
+    titles = titles or {}
+    figure = Figure(figsize=(3.4 * max(1, len(present)), 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, max(1, len(present)), squeeze=False)[0]
+    if not present:
+        axes[0].text(0.5, 0.5, "monitor off: no held-out images\nor labels to score",
+                     ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    for ax, column in zip(axes, present):
+        points = [(r["epoch"], r[column]) for r in rows if math.isfinite(r.get(column, math.nan))]
+        epochs, values = zip(*points)
+        ax.plot(epochs, values, marker="o" if len(points) < 30 else None, markersize=3)
+        if epochs[0] == 0:
+            ax.plot([0], [values[0]], marker="o", markersize=8, fillstyle="none", color="C3",
+                    linestyle="none", label="random init")
+            ax.legend(loc="best", fontsize="small")
+        ax.set_title(titles.get(column, column), fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    atomic_write(Path(png_path), lambda fh: figure.savefig(fh, format="png", dpi=100))
+
+
 def _to_float(value: str | None) -> float:
     try:
         return float(value) if value not in (None, "") else math.nan

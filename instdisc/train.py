@@ -2,7 +2,10 @@
 
 `train_one_epoch` is one pass; `fit` builds the encoder, memory bank and loss from the params,
 resumes from the last checkpoint when it matches, runs the epochs with the paper's step schedule,
-monitors kNN accuracy from the bank, writes a checkpoint after every epoch and the encoder at the end.
+monitors kNN accuracy from the bank and the label-free metrics of held-out images (also once before
+the first step: the "epoch 0" row of the random-init encoder), writes a checkpoint after every epoch
+and the encoder at the end. Long epochs log a progress line every `log_every` steps and show a tqdm
+bar when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from tqdm import tqdm
 
 from instdisc import checkpoint, runtime
 from instdisc.errors import StageError
@@ -45,14 +50,55 @@ def lr_at(epoch: int, base_lr: float, milestones: Iterable[int], gamma: float) -
     return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
+class Progress:
+    """Progress of one epoch: a log line every `log_every` steps (loss, img/s, ETA of the epoch)
+    and a tqdm bar when stderr is a terminal. `world_size` scales img/s to all ranks; a disabled
+    one (other ranks) does nothing. The loss is read (a device sync) only on logged steps."""
+
+    def __init__(self, total_steps: int | None, log_every: int, desc: str = "",
+                 world_size: int = 1, enabled: bool = True) -> None:
+        self.total, self.log_every, self.desc = total_steps, log_every, desc
+        self.world_size, self.enabled = world_size, enabled
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total_steps, desc=desc or "train", unit="step", leave=False,
+                        disable=not enabled or not sys.stderr.isatty(), mininterval=1.0)
+
+    def step(self, step: int, loss: Tensor, images: int) -> None:
+        """After step `step` (0-based), `images` images seen so far on this rank."""
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if self.log_every <= 0 or (step + 1) % self.log_every:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = images * self.world_size / elapsed if elapsed > 0 else math.nan
+        eta = ""
+        if self.total:
+            eta = f"  ETA {_clock(elapsed / (step + 1) * (self.total - step - 1))}"
+        value = loss.item()
+        self.bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        log.info("%s step %d/%s  loss %.4f  %.0f img/s%s", self.desc, step + 1,
+                 self.total or "?", value, rate, eta)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss of a duration."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def train_one_epoch(encoder: nn.Module, loss_fn: nn.Module, bank: MemoryBank,
                     optimizer: Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
-                    autocast: Any = nullcontext, check_every: int = 50) -> dict[str, float]:
+                    autocast: Any = nullcontext, check_every: int = 50,
+                    progress: Progress | None = None) -> dict[str, float]:
     """One pass over `batches`; the bank is refreshed after every step, outside autograd.
 
     Returns {"loss": mean loss, "images": count}. Raises NonFiniteLossError as soon as a
     non-finite loss is seen (checked every `check_every` steps and at the end, to avoid a
-    device sync per step).
+    device sync per step). `progress` is told of every step.
     """
     encoder.train()
     loss_fn.train()
@@ -69,6 +115,8 @@ def train_one_epoch(encoder: nn.Module, loss_fn: nn.Module, bank: MemoryBank,
         weighted = loss.detach() * len(indices)
         total = weighted if total is None else total + weighted
         seen += len(indices)
+        if progress is not None:
+            progress.step(step, loss.detach(), seen)
         if step % check_every == check_every - 1 and not torch.isfinite(total):
             raise NonFiniteLossError(f"loss became {loss.item()} at step {step}")
     if total is None:
@@ -106,6 +154,7 @@ class Trainer:
     device: torch.device
     dist: runtime.DistInfo
     history: list[dict] = dataclasses.field(default_factory=list)
+    initial: dict[str, float] = dataclasses.field(default_factory=dict)  # the epoch-0 monitor row
 
     def state(self, epoch: int, history: list[dict], fingerprint: str) -> dict[str, Any]:
         """The resumable training checkpoint (dicts of state_dicts + plain metadata)."""
@@ -119,6 +168,7 @@ class Trainer:
             "loss": _loss_state(_unwrap(self.loss_fn), self.bank),
             "optimizer": self.optimizer.state_dict(),
             "history": history,
+            "initial": self.initial,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
@@ -128,6 +178,7 @@ class Trainer:
         checkpoint.load_state_strict(self.bank, state["bank"], "checkpoint[bank]")
         _load_loss_state(_unwrap(self.loss_fn), self.bank, state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.initial = dict(state.get("initial", {}))
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -225,6 +276,8 @@ def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir
         trainer.restore(state)
     history: list[dict] = list(state["history"]) if state else []
     start = state["epoch"] if state else 0
+    if state is None:
+        trainer.initial = initial_monitor(trainer, seed)
     autocast = _autocast(params, device)
     for epoch in range(start, params.epochs):
         if stop_after is not None and epoch - start >= stop_after:
@@ -240,6 +293,29 @@ def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir
     return trainer
 
 
+def initial_monitor(trainer: Trainer, seed: int) -> dict[str, float]:
+    """The monitor before the first step ("epoch": 0): kNN top-1 of the random-init encoder's
+    own training features (the bank is still random) and its label-free metrics. Restores the
+    global RNG, so training draws what it would have drawn without it."""
+    data = trainer.data
+    with torch.random.fork_rng(devices=[]):
+        knn_top1 = float("nan")
+        if data.monitor is not None:
+            features, labels = data.monitor_features(trainer.encoder)
+            knn_top1 = knn_accuracy(data.train_features(trainer.encoder), data.train_labels,
+                                    features, labels, num_classes=data.num_classes,
+                                    k=min(200, data.num_items),
+                                    sigma=trainer.params.temperature)["top1"]
+        row = {"epoch": 0, "knn_top1": knn_top1, **data.label_free_metrics(trainer.encoder, seed)}
+    log.info("epoch 0 (random init): %s", _monitor_text(row))
+    return row
+
+
+def _monitor_text(row: dict[str, float]) -> str:
+    names = ("knn_top1", "alignment", "alignment_ratio", "uniformity", "retrieval_top1")
+    return "  ".join(f"{name} {row[name]:.4g}" for name in names if name in row)
+
+
 def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[str, float]:
     """Reseed, set the learning rate, train one epoch, monitor; returns the history row."""
     params = trainer.params
@@ -248,16 +324,27 @@ def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[st
         group["lr"] = lr
     start = time.perf_counter()
     batches = trainer.data.epoch_batches(seed, epoch)     # reseeds: shuffle, then per rank
-    stats = train_one_epoch(trainer.encoder, trainer.loss_fn, trainer.bank, trainer.optimizer,
-                            batches, autocast)
+    progress = Progress(trainer.data.steps_per_epoch(), params.log_every,
+                        f"epoch {epoch + 1}/{params.epochs}", trainer.dist.world_size,
+                        enabled=trainer.dist.is_main)
+    try:
+        stats = train_one_epoch(trainer.encoder, trainer.loss_fn, trainer.bank,
+                                trainer.optimizer, batches, autocast, progress=progress)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - start
     knn_top1 = knn_monitor(trainer.encoder, trainer.bank, trainer.data, params.temperature)
+    with torch.random.fork_rng(devices=[]):  # seeded views; training's RNG stream untouched
+        free = trainer.data.label_free_metrics(trainer.encoder, seed)
     z = next((m.z for m in _unwrap(trainer.loss_fn).modules() if hasattr(m, "z")), float("nan"))
     row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": lr, "z": float(z),
-           "knn_top1": knn_top1, "images_per_second": stats["images"] * trainer.dist.world_size
-           / seconds, "seconds": seconds}
-    log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  kNN %.2f%%  %.0f img/s", epoch + 1,
-             params.epochs, row["loss"], lr, row["z"], knn_top1, row["images_per_second"])
+           "knn_top1": knn_top1, **free,
+           "images_per_second": stats["images"] * trainer.dist.world_size / seconds,
+           "seconds": seconds}
+    left = (time.perf_counter() - start) * (params.epochs - epoch - 1)
+    log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  %.0f img/s  ETA %s  %s", epoch + 1,
+             params.epochs, row["loss"], lr, row["z"], row["images_per_second"], _clock(left),
+             _monitor_text(row))
     return row
 
 

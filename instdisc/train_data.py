@@ -12,6 +12,7 @@ from instdisc.config import PretrainParams
 from instdisc.data import loaders
 from instdisc.data.augment import MEAN, STD, BatchAugment
 from instdisc.data.prepared import PreparedDataset
+from instdisc.evaluate import label_free
 from instdisc.evaluate.knn import compute_features
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,16 @@ class TrainData:
             color_jitter=params.color_jitter, grayscale_prob=params.grayscale_prob,
             hflip=params.hflip, hue=params.hue, jitter_prob=params.color_jitter_prob,
             mean=self.mean, std=self.std)
+        # Held-out uint8 images for the per-epoch label-free metrics: the seeded subset that
+        # `evaluate` scores with the same seed and count, so the last epoch's row matches it.
+        self.label_free_images = None if self.test is None or params.monitor_label_free == 0 \
+            else label_free.heldout_images(self.test, params.monitor_label_free, seed, size[0],
+                                           self.eval_resize)                # (M, 3, H, W)
         self.file_transform = None if in_memory else loaders.train_file_transform(
             params.image_size, params.crop_scale_min, params.color_jitter,
             params.grayscale_prob, params.hflip, hue=params.hue,
             jitter_prob=params.color_jitter_prob, mean=self.mean, std=self.std)
+        self.decode = loaders.resolve_decode(params.decode, device)  # "cpu" | "device" (files)
 
     def epoch_batches(self, seed: int, epoch: int) -> loaders.Batches:
         """One epoch of (images, indices) on the device.
@@ -77,7 +84,12 @@ class TrainData:
             self.train, self.params.batch_size, self.augment, self.device,
             file_transform=self.file_transform, num_workers=self.params.num_workers,
             rank=self.dist.rank, world_size=self.dist.world_size,
-            after_shard_seed=runtime.rank_seed(seed, epoch, self.dist.rank))
+            after_shard_seed=runtime.rank_seed(seed, epoch, self.dist.rank), decode=self.decode)
+
+    def steps_per_epoch(self) -> int:
+        """Training steps of one epoch on this rank (batches are full: drop_last)."""
+        per_rank = self.num_items // self.dist.world_size
+        return loaders.num_batches(per_rank, self.params.batch_size, drop_last=True)
 
     def monitor_features(self, encoder: nn.Module) -> tuple[Tensor, Tensor]:
         """Encoder features and labels of the monitor's fixed, class-stratified test subset."""
@@ -89,6 +101,25 @@ class TrainData:
         features = compute_features(encoder, batches, self.monitor.num_items, self.device,
                                     progress=False)
         return features, self.monitor.labels.to(self.device)
+
+
+    def train_features(self, encoder: nn.Module) -> Tensor:
+        """Encoder features of every training image, unaugmented (the bank's counterpart)."""
+        batches = loaders.eval_batches(self.train, 256, self.device,
+                                       image_size=self.eval_image_size[0], resize=self.eval_resize,
+                                       num_workers=min(2, self.params.num_workers),
+                                       mean=self.mean, std=self.std)
+        return compute_features(encoder, batches, self.num_items, self.device, progress=False)
+
+    def label_free_metrics(self, encoder: nn.Module, seed: int) -> dict[str, float]:
+        """Alignment, alignment ratio, uniformity and augmentation retrieval of `encoder` on the
+        held-out images ({} when off or without a test split), as `evaluate` measures them."""
+        if self.label_free_images is None:
+            return {}
+        scores = label_free.label_free_metrics(encoder, self.label_free_images, self.augment,
+                                               mean=self.mean, std=self.std, batch_size=256,
+                                               device=self.device, seed=seed)
+        return {name: scores[name] for name in label_free.METRICS}
 
 
 def stratified_subset(labels: Tensor, count: int, seed: int) -> Tensor:

@@ -88,5 +88,10 @@ def evaluate_encoder(encoder: nn.Module, meta: dict[str, Any], prepared: Prepare
         if not beats[name]:
             log.warning("the trained encoder does not beat its random init on %s: %.4g vs %.4g",
                         name, value, baseline_value)
+    if not beats.get("alignment", True) and beats.get("alignment_ratio"):
+        log.warning("alignment alone rewards collapse: the random init's views are close because "
+                    "all its images are (uniformity %.3g); relative to the distance between "
+                    "images (alignment_ratio) the trained encoder is better: %.3g vs %.3g",
+                    pairs["uniformity"][1], *pairs["alignment_ratio"])
     metrics["beats_random_init"] = beats
     return metrics

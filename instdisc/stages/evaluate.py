@@ -4,7 +4,7 @@ encoder.
 params.yaml: `seed`, `device`, `evaluate`, `pretrain.temperature` (sigma when `evaluate.sigma` is
 0) and pretrain's augmentation keys (the views of the label-free metrics). Writes
 metrics/evaluate.json: {"knn": {top1, top5}, "random_init": {"knn": ..., "label_free": ...},
-"k", "sigma", "label_free": {alignment, uniformity, retrieval_top1, images},
+"k", "sigma", "label_free": {alignment, alignment_ratio, uniformity, retrieval_top1, images},
 "beats_random_init": {knn_top1, alignment, ...: bool}}; "knn" is {"skipped": why} without labels.
 The flags also go to MLflow as tags `evaluate.beats_random_init.<metric>` (MLflow metrics are
 numbers only).

@@ -25,6 +25,7 @@ NAME = "pretrain"
 MODULE = "instdisc.stages.pretrain"  # what torchrun runs when nproc_per_node > 1
 HELP = "Train the encoder by instance discrimination."
 HISTORY_COLUMNS = ("loss", "knn_top1", "z", "images_per_second")
+MONITOR_COLUMNS = ("knn_top1", "retrieval_top1", "uniformity", "alignment", "alignment_ratio")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def launch(command: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (resuming if possible) and write every output of the stage; returns the metrics."""
     from instdisc import checkpoint, plots, runtime
+    from instdisc.evaluate import label_free
     from instdisc.train import fit, preprocess_meta
 
     params, common = _common.load(args.params, NAME)
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      params.width, params.loss, device)
     history_csv = args.plots / "pretrain_history.csv"
     history_png = args.plots / "pretrain_history.png"
+    monitor_png = args.plots / "pretrain_label_free.png"
     with tracking.run(NAME, {"seed": common.seed, "device": str(device),
                              "world_size": dist.world_size, "pretrain": params},
                       enabled=dist.is_main):
@@ -84,6 +87,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history = trainer.history
         plots.write_history_csv(history, history_csv)
         plots.plot_history(history_csv, history_png, columns=HISTORY_COLUMNS)
+        monitored = [trainer.initial, *history] if trainer.initial else history
+        agreement = label_free.agreement_with_knn(monitored)
+        plots.plot_monitor(monitored, monitor_png, MONITOR_COLUMNS,
+                           titles=label_free.monitor_titles(agreement))
+        artifacts = [history_csv, history_png, monitor_png]
+        if trainer.initial:
+            tracking.log_metrics(trainer.initial, step=0)
+        tracking.log_metrics({f"label_free_vs_knn.{k}": v for k, v in agreement.items()})
         encoder = getattr(trainer.encoder, "_orig_mod", trainer.encoder)
         encoder = getattr(encoder, "module", encoder)
         z = history[-1]["z"] if history else float("nan")
@@ -95,8 +106,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics = {"epochs": len(history), "loss": last.get("loss"), "z": last.get("z"),
                    "knn_top1_monitor": last.get("knn_top1"),
                    "images_per_second": last.get("images_per_second"),
-                   "train_seconds": sum(r["seconds"] for r in history)}
-        _common.finish(NAME, metrics, args.metrics, artifacts=[history_csv, history_png],
+                   "train_seconds": sum(r["seconds"] for r in history),
+                   "label_free": {name: last[name] for name in label_free.METRICS
+                                  if name in last},
+                   "random_init": {k: v for k, v in trainer.initial.items() if k != "epoch"},
+                   "label_free_vs_knn": agreement}
+        _common.finish(NAME, metrics, args.metrics, artifacts=artifacts,
                        log_metrics=False)  # per-epoch values are logged by on_epoch_end
     loss = metrics["loss"]
     _common.log.info("wrote %s (%d epochs, final loss %.4f)", args.out, len(history),

@@ -12,6 +12,7 @@ from instdisc.evaluate.label_free import (
     alignment,
     is_better,
     label_free_metrics,
+    mean_pair_distance,
     retrieval_top1,
     uniformity,
 )
@@ -54,6 +55,14 @@ def test_uniformity_matches_the_formula_and_is_zero_for_a_collapsed_embedding(ch
     assert uniformity(two) == pytest.approx(-8.0)
 
 
+def test_mean_pair_distance_is_the_mean_over_distinct_pairs():
+    x = unit(13, seed=7)
+    pairs = [float((x[i] - x[j]).pow(2).sum()) for i in range(13) for j in range(13) if i != j]
+    assert mean_pair_distance(x) == pytest.approx(sum(pairs) / len(pairs))
+    assert mean_pair_distance(unit(1).expand(5, 8)) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(mean_pair_distance(x[:1]))
+
+
 def test_retrieval_of_identical_views_is_100_percent_and_counts_own_hits():
     originals = unit(20, seed=4)
     assert retrieval_top1(originals, originals, chunk_size=6) == 100.0
@@ -65,6 +74,8 @@ def test_retrieval_of_identical_views_is_100_percent_and_counts_own_hits():
 def test_better_means_lower_alignment_and_uniformity_and_higher_accuracy():
     assert is_better("alignment", 0.1, 0.2) and is_better("uniformity", -3.0, -1.0)
     assert is_better("retrieval_top1", 50.0, 10.0) and not is_better("knn_top1", 14.0, 17.0)
+    assert is_better("alignment_ratio", 0.2, 0.9) and not is_better("alignment_ratio", math.nan,
+                                                                   0.9)
 
 
 class Constant(nn.Module):
@@ -88,7 +99,7 @@ def test_identity_augmentation_gives_perfect_alignment_and_retrieval():
                              device=CPU, seed=0)
     assert out["alignment"] == pytest.approx(0.0, abs=1e-6)
     assert out["retrieval_top1"] == 100.0 and out["images"] == 12
-    assert out["uniformity"] < 0.0
+    assert out["uniformity"] < 0.0 and out["alignment_ratio"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_collapsed_encoder_has_uniformity_zero_and_views_are_seeded():
@@ -98,6 +109,7 @@ def test_collapsed_encoder_has_uniformity_zero_and_views_are_seeded():
     assert out["uniformity"] == pytest.approx(0.0, abs=1e-12)
     assert out["alignment"] == pytest.approx(0.0, abs=1e-12)
     assert out["retrieval_top1"] == pytest.approx(100.0 / 12)  # argmax ties: only image 0
+    assert math.isnan(out["alignment_ratio"])  # 0 / 0: no spread to compare alignment with
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", 16, cifar_stem=True, width=0.125)
     runs = [label_free_metrics(encoder, images(), augment, mean=MEAN, std=STD, batch_size=5,
@@ -120,8 +132,8 @@ def test_evaluate_encoder_keeps_knn_and_adds_label_free_metrics_with_flags(tiny_
     assert full["knn"] == plain["knn"] and full["random_init"]["knn"] == plain["random_init"]["knn"]
     assert list(full)[:4] == ["knn", "random_init", "k", "sigma"]  # first metric stays knn.top1
     assert full["label_free"]["images"] == full["random_init"]["label_free"]["images"] == 10
-    assert set(full["beats_random_init"]) == {"knn_top1", "alignment", "uniformity",
-                                              "retrieval_top1"}
+    assert set(full["beats_random_init"]) == {"knn_top1", "alignment", "alignment_ratio",
+                                              "uniformity", "retrieval_top1"}
     assert set(plain["beats_random_init"]) == {"knn_top1"}
     for name, better in full["beats_random_init"].items():
         assert better or f"does not beat its random init on {name}" in caplog.text

@@ -113,3 +113,16 @@ def test_metrics_are_named_stage_dot_key(tmp_path):
     assert metrics.table_rows(flat)[0] == {"stage": "evaluate", "metric": "knn.top1", "value": 51.5}
     table = metrics.markdown_table(metrics.table_rows(flat))
     assert table.splitlines()[2] == "| evaluate | knn.top1 | 51.5 |"
+
+
+def test_random_init_rows_pair_each_flag_with_both_values():
+    flat = {"evaluate.knn.top1": 43.8, "evaluate.random_init.knn.top1": 19.1,
+            "evaluate.label_free.alignment": 0.34, "evaluate.random_init.label_free.alignment":
+            0.01, "evaluate.beats_random_init.knn_top1": True,
+            "evaluate.beats_random_init.alignment": False, "linear.conv5": 52.2}
+    assert metrics.random_init_rows(flat) == [
+        {"stage": "evaluate", "metric": "knn_top1", "trained": 43.8, "random init": 19.1,
+         "beats random init": "yes"},
+        {"stage": "evaluate", "metric": "alignment", "trained": 0.34, "random init": 0.01,
+         "beats random init": "**no**"}]
+    assert metrics.random_init_rows({"linear.conv5": 52.2}) == []

@@ -98,10 +98,26 @@ def test_flow_writes_what_dvc_repro_writes_nests_mlflow_runs_then_skips_everythi
     assert [c.data.tags["instdisc.stage"] for c in children] == ["train"]
     assert children[0].data.metrics["score"] == 12
 
+    summary = pipeline_summary()
+    assert "| eval | knn_top1 | 12 | 20 | **no** |" in summary  # acc 0.12: below random init
+    assert "| eval | uniformity | -0.1 | -0.5 | **no** |" in summary
+
     ran_once = runs(toy_project.CONTROL)
     again = pipeline(repo=str(toy_repo), **FAST)
     assert again["stages"] == dict.fromkeys(["make", "train", "side", "eval"], "skipped")
     assert runs(toy_project.CONTROL) == ran_once
+
+
+def pipeline_summary() -> str:
+    """The markdown summary artifact the last pipeline flow run published."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["instdisc-pipeline"])))
+    newest = max(found, key=lambda a: a.created)
+    return newest.data
 
 
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:

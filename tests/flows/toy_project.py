@@ -101,7 +101,11 @@ elif name == "side":
 elif name == "eval":
     acc = int((out / "model.txt").read_text()) / 100
     side = int((out / "side.txt").read_text())
-    json.dump({"acc": acc, "side": side}, open(met / "eval.json", "w"))
+    json.dump({"acc": acc, "side": side, "knn": {"top1": 100 * acc},
+               "random_init": {"knn": {"top1": 20.0}, "label_free": {"uniformity": -0.5}},
+               "label_free": {"uniformity": -0.1},
+               "beats_random_init": {"knn_top1": 100 * acc > 20.0, "uniformity": False}},
+              open(met / "eval.json", "w"))
 time.sleep(json.loads(settings.read_text()).get("sleep", {}).get(name, 0) if settings.exists() else 0)
 with open(control / "times.log", "a") as log:  # start and end of the command, for overlaps
     log.write(f"{name} {started} {time.time()}\\n")
