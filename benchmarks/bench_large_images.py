@@ -40,7 +40,7 @@ from instdisc.data.file_transforms import seeded_cpu_rng
 from instdisc.data.loaders import FileDataset, train_file_transform
 from instdisc.data.prepare import prepare
 from instdisc.data.prepared import PreparedDataset
-from instdisc.data.sources import decode_rgb
+from instdisc.data.decode import decode_rgb
 
 log = logging.getLogger("bench_large_images")
 SIZES = ((500, 375), (1000, 750), (2000, 1500))

@@ -342,9 +342,9 @@ def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[st
            "images_per_second": stats["images"] * trainer.dist.world_size / seconds,
            "seconds": seconds}
     left = (time.perf_counter() - start) * (params.epochs - epoch - 1)
-    log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  %.0f img/s  ETA %s  %s", epoch + 1,
-             params.epochs, row["loss"], lr, row["z"], row["images_per_second"], _clock(left),
-             _monitor_text(row))
+    log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  kNN %.2f%%  %.0f img/s  ETA %s  %s",
+             epoch + 1, params.epochs, row["loss"], lr, row["z"], knn_top1,
+             row["images_per_second"], _clock(left), _monitor_text(free))
     return row
 
 

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from instdisc.data.augment import BatchAugment
 from instdisc.data.file_transforms import seeded_cpu_rng
-from instdisc.data.sources import decode_rgb
+from instdisc.data.decode import decode_rgb
 
 DECODES = ("auto", "cpu", "device")
 JPEG_MAGIC = b"\xff\xd8\xff"

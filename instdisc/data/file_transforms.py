@@ -40,7 +40,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from instdisc.data.augment import MEAN, STD
-from instdisc.data.sources import decode_rgb
+from instdisc.data.decode import decode_rgb
 
 FileSource = bytes | Path | Image.Image  # a file's bytes or path, or a decoded image
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from instdisc.data.sources import DECODE_ERRORS, decode_rgb
+from instdisc.data.decode import DECODE_ERRORS, decode_rgb
 
 log = logging.getLogger(__name__)
 

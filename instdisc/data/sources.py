@@ -20,22 +20,21 @@ class folder (ImageNet's `val/` as distributed, its labels in a separate file) i
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from instdisc.data.archive import Archive, source_kind
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 REQUIRED_SPLITS = ("train", "test")  # the splits of a prepared dataset
 EVAL_SPLITS = ("test", "val", "validation")  # folders taken as the evaluation split, in order
 SPLIT_NAMES = ("train", *EVAL_SPLITS)  # folder names that make a source "split-laid-out"
@@ -68,81 +67,6 @@ class SourceRecord:
 
     def read(self) -> bytes:
         return self.data.read_bytes() if isinstance(self.data, Path) else self.data
-
-
-def source_kind(path: Path) -> str:
-    """'folder', 'zip' or 'tar'; ValueError naming the path if it is missing or of unknown type."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"image source {str(path)!r} does not exist")
-    if path.is_dir():
-        return "folder"
-    name = path.name.lower()
-    if name.endswith(".zip"):
-        return "zip"
-    if name.endswith((".tar", ".tar.gz", ".tgz")):
-        return "tar"
-    raise ValueError(f"image source {str(path)!r} is neither a folder nor one of "
-                     f"{', '.join(ARCHIVE_SUFFIXES)}")
-
-
-class Archive:
-    """The files of a .zip or .tar(.gz) archive: listing, random reads and one streamed pass.
-
-    The one archive reader of the project (image sources, embedding indexes, VOC sets). Only
-    regular files are listed; tar links and special members are counted in `skipped_links`.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.kind = source_kind(self.path)
-        if self.kind == "folder":
-            raise ValueError(f"{str(self.path)!r} is a folder, not an archive")
-        self.skipped_links: list[str] = []
-        self._members: dict[str, tarfile.TarInfo] = {}
-        if self.kind == "zip":
-            self._handle: zipfile.ZipFile | tarfile.TarFile | None = zipfile.ZipFile(self.path)
-            self._names = [i.filename for i in self._handle.infolist() if not i.is_dir()]
-        else:
-            self._handle = tarfile.open(self.path)
-            infos = self._handle.getmembers()
-            self.skipped_links = [i.name for i in infos if not (i.isfile() or i.isdir())]
-            self._members = {i.name: i for i in infos if i.isfile()}
-            self._names = list(self._members)
-
-    def names(self) -> list[str]:
-        """Regular files, in archive order."""
-        return list(self._names)
-
-    def read(self, name: str) -> bytes:
-        """One member's bytes (KeyError for an unknown name)."""
-        if isinstance(self._handle, zipfile.ZipFile):
-            return self._handle.read(name)
-        assert isinstance(self._handle, tarfile.TarFile), "archive is closed"
-        handle = self._handle.extractfile(self._members[name])
-        assert handle is not None, name
-        return handle.read()
-
-    def stream(self, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        """(name, bytes) for `names`: zips in the order given, tars in archive order (one pass)."""
-        if self.kind == "zip":
-            yield from ((name, self.read(name)) for name in names)
-            return
-        wanted = set(names)
-        for name in self._names:
-            if name in wanted:
-                yield name, self.read(name)
-
-    def __enter__(self) -> Archive:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
 
 
 class ImageSource:
@@ -257,52 +181,6 @@ def iter_source(path: Path) -> Iterator[SourceRecord]:
     """Every file under a class folder of the source at `path`, sorted by (split, class, name)."""
     with ImageSource(path) as source:
         yield from source.records()
-
-
-def decode_rgb(data: bytes | Path, before_load: Callable[[Image.Image], None] | None = None
-               ) -> tuple[Image.Image, str]:
-    """Decode an image fully and convert it to RGB; returns (image, original mode).
-
-    Raises whatever Pillow raises for unreadable data (see `DECODE_ERRORS`). Alpha is dropped
-    and palettes are expanded, as `PIL.Image.convert("RGB")` does (torchvision's loader);
-    16/32-bit grayscale is scaled to 8 bits rather than clipped. EXIF orientation is not applied
-    (torchvision's loader does not either). `before_load(image)` runs on the opened, not yet
-    decoded image (the file-backed loaders `Image.draft` large JPEGs there).
-    """
-    if isinstance(data, Path):
-        data = data.read_bytes()
-    if not data:
-        raise ValueError("empty file")
-    try:
-        image = Image.open(io.BytesIO(data))  # in memory: nothing to close, so no copy to keep
-    except UnidentifiedImageError:  # its message names a BytesIO object's address: unstable
-        raise UnidentifiedImageError("cannot identify image file") from None
-    if before_load is not None:
-        before_load(image)
-    image.load()  # decodes everything: truncated files fail here, not later
-    mode = image.mode
-    if mode == "RGB":
-        return image, mode
-    if mode == "P" and "transparency" in image.info:
-        return image.convert("RGBA").convert("RGB"), mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return _wide_gray_to_rgb(image), mode
-    return image.convert("RGB"), mode
-
-
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit ('I;16*'), 32-bit int ('I') or float ('F') grayscale -> 8-bit RGB, scaled by range."""
-    values = np.asarray(image, dtype=np.float64)
-    peak = float(values.max(initial=0))
-    if image.mode == "F":
-        top = 1.0 if peak <= 1.0 else 255.0
-    else:
-        top = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
-    gray = np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
 
 
 def _walk(root: Path) -> list[str]:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from instdisc.config import PrepareParams
 from instdisc.data.prepared import SplitArrays
-from instdisc.data.sources import decode_rgb
+from instdisc.data.decode import decode_rgb
 
 log = logging.getLogger(__name__)
 

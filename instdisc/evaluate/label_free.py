@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 
 from instdisc.data.augment import BatchAugment, eval_transform
 from instdisc.data.prepared import SplitData
-from instdisc.data.sources import decode_rgb
+from instdisc.data.decode import decode_rgb
 from instdisc.evaluate.knn import compute_features
 
 METRICS = ("alignment", "alignment_ratio", "uniformity", "retrieval_top1")

@@ -39,7 +39,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instdisc.data.sources import DECODE_ERRORS, decode_rgb
+from instdisc.data.decode import DECODE_ERRORS, decode_rgb
 from instdisc.io import file_sha256
 from instdisc.serving.embedder import Embedder
 from instdisc.serving.search import Index, search

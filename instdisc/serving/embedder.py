@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from instdisc.data.sources import DECODE_ERRORS, decode_rgb
+from instdisc.data.decode import DECODE_ERRORS, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 def load_rgb(source: ImageLike) -> Image.Image:
     """Decode a file path, encoded bytes or PIL image into an RGB PIL image.
 
-    Decoding is `instdisc.data.sources.decode_rgb`, the one prepare uses, so served images are
+    Decoding is `instdisc.data.decode.decode_rgb`, the one prepare uses, so served images are
     converted exactly like training images. Raises ValueError naming the file when it is missing
     or not a readable image.
     """

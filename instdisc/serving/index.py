@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from instdisc.data.sources import Archive
+from instdisc.data.archive import Archive
 from instdisc.io import atomic_path, atomic_write, file_sha256, write_json
 from instdisc.serving.embedder import Embedder
 

@@ -32,7 +32,8 @@ from PIL import Image
 from torch import Tensor
 
 from instdisc.data.prepared import atomic_output_dir
-from instdisc.data.sources import Archive, decode_rgb
+from instdisc.data.archive import Archive
+from instdisc.data.decode import decode_rgb
 from instdisc.transfer.synthetic_voc import write_synthetic_voc
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from instdisc.data.augment import MEAN, STD
 from instdisc.data.file_transforms import (EvalFileTransform, TrainFileTransform, draft_jpeg,
                                            draft_request, seeded_cpu_rng)
-from instdisc.data.sources import decode_rgb
+from instdisc.data.decode import decode_rgb
 
 GREY_LEVEL = 1 / (255 * min(STD))  # one grey level, in normalised units (at most)
 

@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 from image_trees import clean_tree, messy_tree, write_folder, write_tar, write_zip
 
-from instdisc.data.sources import ImageSource, decode_rgb, iter_source, source_kind
+from instdisc.data.archive import source_kind
+from instdisc.data.decode import decode_rgb
+from instdisc.data.sources import ImageSource, iter_source
 
 
 def listing(path: Path) -> list[tuple[str, str, str, bytes]]:
