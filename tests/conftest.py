@@ -135,3 +135,17 @@ def stop_session(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def small_prepared(tmp_path_factory) -> Path:
+    """A prepared synthetic set, 3 classes x (16 train + 4 test) images of 16 x 16 (one per
+    test module)."""
+    from instdisc.config import PrepareParams, SyntheticParams
+    from instdisc.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    params = PrepareParams(synthetic=SyntheticParams(num_classes=3, train_per_class=16,
+                                                     test_per_class=4, image_size=16))
+    prepare(params, seed=0, out_dir=out, progress=False)
+    return out

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from instdisc import runtime
-from instdisc.config import PrepareParams, PretrainParams, SyntheticParams
-from instdisc.data.prepare import prepare
+from instdisc.config import PretrainParams
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import knn_accuracy
 from instdisc.evaluate.label_free import METRICS, agreement_with_knn
@@ -25,19 +24,10 @@ TINY = PretrainParams(width=0.125, feature_dim=16, loss="softmax", epochs=2, bat
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    params = PrepareParams(synthetic=SyntheticParams(num_classes=3, train_per_class=16,
-                                                     test_per_class=4, image_size=16))
-    prepare(params, seed=0, out_dir=out, progress=False)
-    return out
-
-
-def test_every_epoch_has_label_free_metrics_and_epoch_0_is_the_random_init(prepared_dir,
+def test_every_epoch_has_label_free_metrics_and_epoch_0_is_the_random_init(small_prepared,
                                                                            tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="instdisc.train")
-    trainer = fit(TINY, seed=0, device=CPU, prepared_dir=prepared_dir,
+    trainer = fit(TINY, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "a.pt")
     assert [row["epoch"] for row in trainer.history] == [1, 2]
     for row in [trainer.initial, *trainer.history]:
@@ -46,7 +36,7 @@ def test_every_epoch_has_label_free_metrics_and_epoch_0_is_the_random_init(prepa
     assert trainer.initial["epoch"] == 0
     # epoch 0 is the encoder before any step: the seeded random init, kNN on its own features
     runtime.seed_everything(0)
-    fresh = build_trainer(TINY, PreparedDataset.open(prepared_dir), CPU, runtime.DistInfo())
+    fresh = build_trainer(TINY, PreparedDataset.open(small_prepared), CPU, runtime.DistInfo())
     data = fresh.data
     queries, labels = data.monitor_features(fresh.encoder)
     expected = knn_accuracy(data.train_features(fresh.encoder), data.train_labels, queries,
@@ -61,24 +51,24 @@ def test_every_epoch_has_label_free_metrics_and_epoch_0_is_the_random_init(prepa
                                    in line for line in lines)
 
 
-def test_the_monitor_does_not_change_training(prepared_dir, tmp_path):
+def test_the_monitor_does_not_change_training(small_prepared, tmp_path):
     """The monitor's views are drawn from their own generators and the global RNG is restored:
     switching it off gives the same losses and the same bank."""
-    on = fit(TINY, seed=0, device=CPU, prepared_dir=prepared_dir,
+    on = fit(TINY, seed=0, device=CPU, prepared_dir=small_prepared,
              checkpoint_path=tmp_path / "on.pt")
     quiet = dataclasses.replace(TINY, monitor_label_free=0, monitor_queries=0, log_every=0)
-    off = fit(quiet, seed=0, device=CPU, prepared_dir=prepared_dir,
+    off = fit(quiet, seed=0, device=CPU, prepared_dir=small_prepared,
               checkpoint_path=tmp_path / "off.pt")
     assert [r["loss"] for r in on.history] == [r["loss"] for r in off.history]
     assert torch.equal(on.bank.features, off.bank.features)
     assert not set(METRICS) & set(off.history[0]) and math.isnan(off.initial["knn_top1"])
 
 
-def test_resume_keeps_the_epoch_0_row(prepared_dir, tmp_path):
+def test_resume_keeps_the_epoch_0_row(small_prepared, tmp_path):
     path = tmp_path / "last.pt"
-    first = fit(TINY, seed=0, device=CPU, prepared_dir=prepared_dir, checkpoint_path=path,
+    first = fit(TINY, seed=0, device=CPU, prepared_dir=small_prepared, checkpoint_path=path,
                 stop_after=1)
-    resumed = fit(TINY, seed=0, device=CPU, prepared_dir=prepared_dir, checkpoint_path=path)
+    resumed = fit(TINY, seed=0, device=CPU, prepared_dir=small_prepared, checkpoint_path=path)
     assert len(resumed.history) == 2 and resumed.initial == first.initial
 
 

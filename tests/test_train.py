@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from instdisc import checkpoint, runtime
-from instdisc.config import PrepareParams, PretrainParams, SyntheticParams
-from instdisc.data.prepare import prepare
+from instdisc.config import PretrainParams
 from instdisc.data import loaders
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import compute_features, knn_accuracy
@@ -22,26 +21,17 @@ TINY = PretrainParams(width=0.125, feature_dim=16, num_negatives=8, epochs=3, ba
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    params = PrepareParams(synthetic=SyntheticParams(num_classes=3, train_per_class=16,
-                                                     test_per_class=4, image_size=16))
-    prepare(params, seed=0, out_dir=out, progress=False)
-    return out
-
-
 def test_lr_schedule_is_the_papers_step_decay():
     lrs = [lr_at(e, 0.03, (120, 160), 0.1) for e in (0, 119, 120, 159, 160, 199)]
     assert lrs == pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
 
 
 @pytest.mark.parametrize("loss", ["nce", "softmax", "parametric"])
-def test_every_loss_trains_through_the_same_loop(prepared_dir, tmp_path, loss):
+def test_every_loss_trains_through_the_same_loop(small_prepared, tmp_path, loss):
     params = dataclasses.replace(TINY, loss=loss, epochs=1, proximal_lambda=0.0)
     runtime.seed_everything(0)
-    initial = build_trainer(params, PreparedDataset.open(prepared_dir), CPU, runtime.DistInfo())
-    trainer = fit(params, seed=0, device=CPU, prepared_dir=prepared_dir,
+    initial = build_trainer(params, PreparedDataset.open(small_prepared), CPU, runtime.DistInfo())
+    trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "last.pt")
     row = trainer.history[0]
     assert math.isfinite(row["loss"]) and row["loss"] > 0
@@ -63,9 +53,9 @@ def test_every_loss_trains_through_the_same_loop(prepared_dir, tmp_path, loss):
         assert math.isnan(row["z"])
 
 
-def test_nce_with_proximal_term_trains(prepared_dir, tmp_path):
+def test_nce_with_proximal_term_trains(small_prepared, tmp_path):
     params = dataclasses.replace(TINY, epochs=1, proximal_lambda=0.5)
-    trainer = fit(params, seed=0, device=CPU, prepared_dir=prepared_dir,
+    trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "last.pt")
     assert math.isfinite(trainer.history[0]["loss"])
 
@@ -79,11 +69,11 @@ def mean_row_cosine(trainer):
     return (features * trainer.bank.features).sum(dim=1).mean().item()
 
 
-def test_bank_rows_move_towards_the_features(prepared_dir, tmp_path):
+def test_bank_rows_move_towards_the_features(small_prepared, tmp_path):
     params = dataclasses.replace(TINY, epochs=2, loss="softmax")
     runtime.seed_everything(0)
-    initial = build_trainer(params, PreparedDataset.open(prepared_dir), CPU, runtime.DistInfo())
-    trainer = fit(params, seed=0, device=CPU, prepared_dir=prepared_dir,
+    initial = build_trainer(params, PreparedDataset.open(small_prepared), CPU, runtime.DistInfo())
+    trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "last.pt")
     assert abs(mean_row_cosine(initial)) < 0.2          # random rows vs random features
     assert mean_row_cosine(trainer) > 0.5               # each row now tracks its own image
@@ -103,10 +93,10 @@ def test_monitor_subset_is_stratified_and_seeded():
         [25, 25, 10, 10]                                # small classes run out, others fill
 
 
-def test_ranks_share_the_shuffle_but_not_the_random_draws(prepared_dir):
+def test_ranks_share_the_shuffle_but_not_the_random_draws(small_prepared):
     """Under DDP the shards partition the epoch, while augmentation and NCE noise differ per rank;
     the same (seed, epoch, rank) reproduces the same draws."""
-    prepared = PreparedDataset.open(prepared_dir)
+    prepared = PreparedDataset.open(small_prepared)
 
     def epoch(rank, seed=0):
         data = TrainData(prepared, dataclasses.replace(TINY, batch_size=8), CPU,
@@ -131,14 +121,14 @@ def test_ranks_share_the_shuffle_but_not_the_random_draws(prepared_dir):
     assert not torch.allclose(views[0], views[1])
 
 
-def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(prepared_dir, tmp_path):
-    straight = fit(TINY, seed=1, device=CPU, prepared_dir=prepared_dir,
+def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(small_prepared, tmp_path):
+    straight = fit(TINY, seed=1, device=CPU, prepared_dir=small_prepared,
                    checkpoint_path=tmp_path / "a.pt")
-    fit(TINY, seed=1, device=CPU, prepared_dir=prepared_dir, checkpoint_path=tmp_path / "b.pt",
+    fit(TINY, seed=1, device=CPU, prepared_dir=small_prepared, checkpoint_path=tmp_path / "b.pt",
         stop_after=1)
     assert checkpoint.load(tmp_path / "b.pt")["epoch"] == 1
     ran: list[int] = []
-    resumed = fit(TINY, seed=1, device=CPU, prepared_dir=prepared_dir,
+    resumed = fit(TINY, seed=1, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "b.pt", on_epoch_end=lambda r, e, h: ran.append(e))
     assert ran == [1, 2]                                   # only the epochs that were missing
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
@@ -148,30 +138,30 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(prepared_dir, tmp
         assert torch.equal(a, b), name
 
 
-def test_checkpoint_of_other_params_is_not_resumed(prepared_dir, tmp_path):
-    fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU, prepared_dir=prepared_dir,
+def test_checkpoint_of_other_params_is_not_resumed(small_prepared, tmp_path):
+    fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU, prepared_dir=small_prepared,
         checkpoint_path=tmp_path / "last.pt")
     other = dataclasses.replace(TINY, epochs=1, lr=0.01)
-    trainer = fit(other, seed=0, device=CPU, prepared_dir=prepared_dir,
+    trainer = fit(other, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "last.pt")
     assert len(trainer.history) == 1                       # trained afresh, not "already done"
     assert checkpoint.load(tmp_path / "last.pt")["params"]["lr"] == 0.01
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared_dir, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_prepared, tmp_path):
     path = tmp_path / "last.pt"
-    fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU, prepared_dir=prepared_dir,
+    fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU, prepared_dir=small_prepared,
         checkpoint_path=path)
     good = path.read_bytes()
     exploding = dataclasses.replace(TINY, epochs=1, lr=1e30, weight_decay=0.0)
     with pytest.raises(NonFiniteLossError, match="loss"):
-        fit(exploding, seed=0, device=CPU, prepared_dir=prepared_dir, checkpoint_path=path)
+        fit(exploding, seed=0, device=CPU, prepared_dir=small_prepared, checkpoint_path=path)
     assert path.read_bytes() == good
 
 
-def test_too_many_negatives_fail_before_training(prepared_dir, tmp_path):
+def test_too_many_negatives_fail_before_training(small_prepared, tmp_path):
     with pytest.raises(ValueError, match=r"num_negatives\] = 48: must be smaller than the number "
                                          r"of training images \(48\)"):
         fit(dataclasses.replace(TINY, num_negatives=48), seed=0, device=CPU,
-            prepared_dir=prepared_dir, checkpoint_path=tmp_path / "last.pt")
+            prepared_dir=small_prepared, checkpoint_path=tmp_path / "last.pt")
     assert not (tmp_path / "last.pt").exists()
