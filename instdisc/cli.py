@@ -53,9 +53,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                                  "max_k")}
     limits = Limits(**{key: value for key, value in given.items() if value is not None})
     index = load_index(args.index) if args.index else None
+    ann, kind = None, None
+    if args.ann:
+        if index is None:
+            raise ValueError("serve --ann needs --index <folder written by instdisc embed --ann>")
+        from instdisc.serving.ann import load_faiss_with_meta
+
+        ann, meta = load_faiss_with_meta(args.index)
+        kind = meta["kind"]
+        log.info("/search answers from the FAISS %s index (recall@10 %.3f vs exact when built); "
+                 "?exact=true for exact search", kind, meta.get("recall@10", float("nan")))
     app = create_app(_open_embedder(args, strict=not args.allow_cpu_fallback), index=index,
                      model_version=version, limits=limits, max_batch=args.max_batch,
-                     max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads)
+                     max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads,
+                     ann=ann, ann_kind=kind)
     serve(app, host=args.host, port=args.port)
 
 
@@ -157,6 +168,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "host with an NVIDIA driver) but cannot be used; default: refuse")
     p.add_argument("--index", type=Path, default=None,
                    help="index folder written by `instdisc embed`, for /search")
+    p.add_argument("--ann", action="store_true",
+                   help="answer /search from the index's FAISS index (`instdisc embed --ann`); "
+                        "?exact=true still searches exactly")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64,

@@ -104,6 +104,11 @@ def build_for_index(root: Path, kind: str = "hnsw", k: int = 10, num_queries: in
 def load_faiss(root: Path):
     """The FAISS index of an index folder; ValueError when missing or built from other
     embeddings."""
+    return load_faiss_with_meta(root)[0]
+
+
+def load_faiss_with_meta(root: Path) -> tuple[Any, dict[str, Any]]:
+    """(FAISS index, its faiss.json) of an index folder; ValueError as `load_faiss`."""
     import faiss
 
     root = Path(root)
@@ -114,7 +119,7 @@ def load_faiss(root: Path):
     if meta["embeddings_sha256"] != file_sha256(root / "embeddings.npy"):
         raise ValueError(f"{str(root / INDEX_FILE)!r} was built from other embeddings: rebuild "
                          "it (`instdisc embed --ann`)")
-    return faiss.read_index(str(root / INDEX_FILE))
+    return faiss.read_index(str(root / INDEX_FILE)), meta
 
 
 def ann_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@
     POST /embed     one image as the body (Content-Type image/* or application/octet-stream), or
                     multipart/form-data with one or more files -> unit-norm vectors + model hash
     POST /search    one image (same body forms), ?k=10 -> top-k ids and cosine scores of the index
+                    (exact; with a FAISS index loaded, approximate unless ?exact=true)
     GET  /health    the process answers
     GET  /ready     model loaded and running on the provider that was asked for (else 503)
     GET  /metadata  model sha256 / registry version, input size, feature dim, provider, limits
@@ -230,10 +231,20 @@ async def read_images(request: Request, limits: Limits) -> list[tuple[str, bytes
 def create_app(embedder: Embedder, *, index: Index | None = None,
                model_version: str | None = None, limits: Limits = Limits(),
                max_batch: int = 64, max_wait_ms: float = 2.0,
-               decode_threads: int | None = None) -> FastAPI:
-    """The FastAPI app serving `embedder` (and `index` for /search); see the module docstring."""
+               decode_threads: int | None = None, ann: Any | None = None,
+               ann_kind: str | None = None) -> FastAPI:
+    """The FastAPI app serving `embedder` (and `index` for /search); see the module docstring.
+
+    `ann` is a FAISS index over `index`'s embeddings (`instdisc.serving.ann.load_faiss`, of
+    kind `ann_kind`): /search then answers from it unless the request asks ?exact=true.
+    """
     if index is not None:
         index.check_model(embedder)
+    if ann is not None and (index is None or ann.ntotal != len(index.ids)):
+        raise ValueError("an ANN index needs the index it was built from (--index): "
+                         f"{'no index' if index is None else f'{len(index.ids)} items'} vs "
+                         f"{ann.ntotal} in the ANN index")
+    method = (ann_kind or "ann") if ann is not None else "exact"
     sha256 = file_sha256(embedder.model_path)
     model = {"sha256": sha256, "version": model_version, "file": embedder.model_path.name}
     batcher = MicroBatcher(embedder.run, max_batch, max_wait_ms / 1000)
@@ -269,7 +280,8 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                 "embeddings": vectors.tolist()}
 
     @app.post("/search")
-    async def search_index(request: Request, k: int = Query(10, ge=1, le=limits.max_k)):
+    async def search_index(request: Request, k: int = Query(10, ge=1, le=limits.max_k),
+                           exact: bool = Query(False)):
         if index is None:
             raise RequestError(404, "this server has no index: start it with --index <folder "
                                     "written by instdisc embed>")
@@ -278,9 +290,17 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
             raise RequestError(400, f"/search takes one image, got {len(files)}")
         query = await embed_files(files)                                        # (1, D)
         loop = asyncio.get_running_loop()
-        scores, rows = await loop.run_in_executor(None, search, index.embeddings, query, k)
-        return {"model": model, "k": k, "hits": [
-            {"id": index.ids[r], "score": float(s)} for r, s in zip(rows[0], scores[0])]}
+        if ann is None or exact:
+            used = "exact"
+            scores, rows = await loop.run_in_executor(None, search, index.embeddings, query, k)
+        else:
+            from instdisc.serving.ann import ann_search  # faiss only when an ANN index is loaded
+
+            used = method
+            scores, rows = await loop.run_in_executor(None, ann_search, ann, query, k)
+        return {"model": model, "k": k, "search": used, "hits": [
+            {"id": index.ids[r], "score": float(s)} for r, s in zip(rows[0], scores[0])
+            if r >= 0]}
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -301,7 +321,7 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                 "feature_dim": info.feature_dim, "input_format": info.input_format,
                 "provider": embedder.provider, "device": embedder.device, "info": info.as_dict(),
                 "index": None if index is None else {"num_items": len(index.ids),
-                                                     "path": str(index.root)},
+                                                     "path": str(index.root), "search": method},
                 "limits": dataclasses.asdict(limits),
                 "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
                              "batches": batcher.batches, "images": batcher.images}}

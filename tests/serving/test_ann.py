@@ -54,3 +54,37 @@ def test_embed_and_search_with_ann_from_the_command_line(tiny, tmp_path, capsys)
                      "-k", "3", "--ann", *model]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].split() == ["1", "1.0000", "img_004.png"]
+
+
+def test_served_search_uses_the_ann_index_unless_asked_for_exact(tiny, tmp_path):
+    import httpx
+
+    from instdisc.serving.app import create_app
+    from instdisc.serving.embedder import Embedder
+    from instdisc.serving.search import load_index
+    from serving_helpers import running_server
+
+    folder = tmp_path / "photos"
+    paths = write_images(folder, 12)
+    embedder = Embedder(tiny.onnx_path, device="cpu", batch_size=4)
+    assert cli.main(["embed", str(folder), "-o", str(tmp_path / "index"), "--ann", "ivf",
+                     "--model", str(tiny.onnx_path), "--device", "cpu"]) == 0
+    index, ann = load_index(tmp_path / "index"), load_faiss(tmp_path / "index")
+    with pytest.raises(ValueError, match="needs the index it was built from"):
+        create_app(embedder, ann=ann, ann_kind="ivf")
+    app = create_app(embedder, index=index, ann=ann, ann_kind="ivf")
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        body = paths[5].read_bytes()
+        headers = {"content-type": "image/png"}
+        approx = client.post("/search", params={"k": 3}, content=body, headers=headers).json()
+        exact = client.post("/search", params={"k": 3, "exact": "true"}, content=body,
+                            headers=headers).json()
+        assert approx["search"] == "ivf" and exact["search"] == "exact"
+        assert approx["hits"][0]["id"] == exact["hits"][0]["id"] == "img_005.png"
+        assert approx["hits"][0]["score"] == pytest.approx(exact["hits"][0]["score"], abs=1e-5)
+        assert client.get("/metadata").json()["index"]["search"] == "ivf"
+
+
+def test_serve_ann_without_an_index_is_refused(tiny):
+    code = cli.main(["serve", "--model", str(tiny.onnx_path), "--device", "cpu", "--ann"])
+    assert code == 2
