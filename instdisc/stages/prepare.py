@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    **{f"{split}_images": info["num_items"]
                       for split, info in report["splits"].items()},
                    "skipped": len(report["skipped"]), "storage": report["storage"],
-                   "labeled": report["labeled"], "duplicates": len(report["duplicates"])}
+                   "labeled": report["labeled"], "duplicates": len(report["duplicates"]),
+                   "reencoded": (report.get("reencoded") or {}).get("count", 0)}
         tracking.set_tags({"dataset.fingerprint": metrics["fingerprint"]})
         _common.finish(NAME, metrics, args.metrics, artifacts=[args.out / "report.json"])
     _common.log.info("prepared %s", {k: v for k, v in metrics.items() if k != "fingerprint"})

@@ -86,3 +86,18 @@ def test_shorter_side_size_keeps_the_aspect():
 def test_params_are_checked(key, value, allowed):
     with pytest.raises(ParamsError, match=f"{key} = {value}: allowed {allowed}"):
         PrepareParams(**{key: value})
+
+
+def test_the_prepare_stage_reports_the_reencoded_count(tmp_path, monkeypatch):
+    import yaml
+
+    from instdisc.stages import prepare as prepare_stage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = write_zip(tmp_path / "src.zip", tree())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 0, "prepare": {
+        "source": str(source), "max_in_memory_size": 16, "max_shorter_side": 48}}))
+    metrics = tmp_path / "prepare.json"
+    assert prepare_stage.main(["--params", str(tmp_path / "params.yaml"), "--out",
+                               str(tmp_path / "prepared"), "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["reencoded"] == 2
