@@ -1,6 +1,6 @@
 """File-backed training batches decoded on the training device (`pretrain.decode`).
 
-With decode "device" (the default "auto" picks it on CUDA), DataLoader workers only read file
+With decode "device" ("auto" picks it on CUDA; the default is "cpu"), DataLoader workers read
 bytes (`FileBytesDataset`); the main process then, per batch:
 
 1. decodes every JPEG in one `torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on
