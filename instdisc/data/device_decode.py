@@ -30,8 +30,8 @@ from torchvision import io as tv_io
 from torchvision.transforms import v2
 
 from instdisc.data.augment import BatchAugment
-from instdisc.data.file_transforms import seeded_cpu_rng
 from instdisc.data.decode import decode_rgb
+from instdisc.data.file_transforms import seeded_cpu_rng
 
 DECODES = ("auto", "cpu", "device")
 JPEG_MAGIC = b"\xff\xd8\xff"

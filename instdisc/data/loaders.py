@@ -26,13 +26,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from instdisc.data.augment import MEAN, STD, BatchAugment, eval_transform
+from instdisc.data.decode import decode_rgb
 from instdisc.data.device_decode import (DeviceDecoder, FileBytesDataset, collate_bytes,
                                          resolve_decode)
 from instdisc.data.file_transforms import (EvalFileTransform, TrainFileTransform,
                                            eval_file_transform, seeded_cpu_rng,
                                            train_file_transform)
 from instdisc.data.prepared import SplitData
-from instdisc.data.decode import decode_rgb
 
 __all__ = ["Batches", "FileDataset", "TrainLoader", "eval_batches", "eval_file_transform",
            "num_batches", "resolve_decode", "shard_order", "train_batches",

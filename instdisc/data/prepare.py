@@ -26,9 +26,9 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from instdisc.config import PrepareParams
-from instdisc.data.prepared import UNLABELED, atomic_output_dir, write_prepared
 from instdisc.data.archive import source_kind
 from instdisc.data.decode import DECODE_ERRORS, decode_rgb
+from instdisc.data.prepared import UNLABELED, atomic_output_dir, write_prepared
 from instdisc.data.sources import EVAL_SPLITS, NO_SPLIT, REQUIRED_SPLITS, SPLIT_NAMES, ImageSource
 from instdisc.data.storage import Item, Items, assemble, extract
 from instdisc.data.synthetic import make_synthetic

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from instdisc.config import PrepareParams
-from instdisc.data.prepared import SplitArrays
 from instdisc.data.decode import decode_rgb
+from instdisc.data.prepared import SplitArrays
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from instdisc.data.augment import BatchAugment, eval_transform
-from instdisc.data.prepared import SplitData
 from instdisc.data.decode import decode_rgb
+from instdisc.data.prepared import SplitData
 from instdisc.evaluate.knn import compute_features
 
 METRICS = ("alignment", "alignment_ratio", "uniformity", "retrieval_top1")

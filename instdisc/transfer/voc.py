@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from instdisc.data.prepared import atomic_output_dir
 from instdisc.data.archive import Archive
 from instdisc.data.decode import decode_rgb
+from instdisc.data.prepared import atomic_output_dir
 from instdisc.transfer.synthetic_voc import write_synthetic_voc
 
 log = logging.getLogger(__name__)
