@@ -149,3 +149,17 @@ def small_prepared(tmp_path_factory) -> Path:
                                                      test_per_class=4, image_size=16))
     prepare(params, seed=0, out_dir=out, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """Stage code run in-process calls `mlflow.set_tracking_uri`, a process-wide global that
+    outlives the test's MLFLOW_TRACKING_URI (monkeypatch restores only the variable); a later
+    test's `MlflowClient()` would then read a deleted temp store. Put the global back (MLflow has
+    no public way to unset it without also unsetting the variable)."""
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    before = getattr(utils, "_tracking_uri", None)
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and utils._tracking_uri != before:
+        utils._tracking_uri = before
