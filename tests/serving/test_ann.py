@@ -2,15 +2,10 @@ import json
 
 import numpy as np
 import pytest
-from serving_helpers import tiny_export, write_images
+from serving_helpers import write_images
 
 from instdisc import cli
 from instdisc.serving.ann import ann_search, build_faiss, build_for_index, load_faiss, recall_at_k
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_export(tmp_path_factory)
 
 
 def _clustered(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -56,17 +51,15 @@ def test_embed_and_search_with_ann_from_the_command_line(tiny, tmp_path, capsys)
     assert len(lines) == 3 and lines[0].split() == ["1", "1.0000", "img_004.png"]
 
 
-def test_served_search_uses_the_ann_index_unless_asked_for_exact(tiny, tmp_path):
+def test_served_search_uses_the_ann_index_unless_asked_for_exact(tiny, embedder, tmp_path):
     import httpx
 
     from instdisc.serving.app import create_app
-    from instdisc.serving.embedder import Embedder
     from instdisc.serving.search import load_index
     from serving_helpers import running_server
 
     folder = tmp_path / "photos"
     paths = write_images(folder, 12)
-    embedder = Embedder(tiny.onnx_path, device="cpu", batch_size=4)
     assert cli.main(["embed", str(folder), "-o", str(tmp_path / "index"), "--ann", "ivf",
                      "--model", str(tiny.onnx_path), "--device", "cpu"]) == 0
     index, ann = load_index(tmp_path / "index"), load_faiss(tmp_path / "index")

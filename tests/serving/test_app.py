@@ -9,25 +9,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving_helpers import FEATURE_DIM, IMAGE_SIZE, running_server, tiny_export, write_images
+from serving_helpers import FEATURE_DIM, IMAGE_SIZE, running_server, write_images
 
 from instdisc.io import file_sha256
 from instdisc.serving.app import Limits, MicroBatcher, create_app
-from instdisc.serving.embedder import Embedder
 from instdisc.serving.index import build_index
 from instdisc.serving.search import load_index
 
 LIMITS = Limits(max_body_bytes=200_000, max_pixels=1_000_000, max_images=8)
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny):
-    return Embedder(tiny.onnx_path, device="cpu", batch_size=4)
 
 
 @pytest.fixture(scope="module")

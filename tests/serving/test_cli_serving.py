@@ -2,14 +2,9 @@ import json
 
 import pytest
 from PIL import Image
-from serving_helpers import tiny_export, write_images
+from serving_helpers import write_images
 
 from instdisc import cli
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_export(tmp_path_factory)
 
 
 @pytest.mark.parametrize("command, options", [

@@ -5,21 +5,11 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
-from serving_helpers import FEATURE_DIM, tiny_export, write_images
+from serving_helpers import FEATURE_DIM, write_images
 
 from instdisc.serving.index import build_index, open_source
 from instdisc.serving.embedder import Embedder
 from instdisc.serving.search import load_index, save_grid, search
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny):
-    return Embedder(tiny.onnx_path, device="cpu", batch_size=4)
 
 
 @pytest.fixture

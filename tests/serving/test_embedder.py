@@ -5,19 +5,9 @@ import numpy as np
 import onnx
 import pytest
 from PIL import Image
-from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_export, write_images
+from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, write_images
 
 from instdisc.serving.embedder import CPU, CUDA, Embedder, ProviderError, cuda_driver_present, fit_image
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_export(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny):
-    return Embedder(tiny.onnx_path, device="cpu", batch_size=4)
 
 
 def _cuda_works(path) -> bool:

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import yaml
-from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_encoder_file, tiny_export
+from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_encoder_file
 
 from instdisc import checkpoint, cli, tracking
 from instdisc.io import file_sha256
@@ -16,11 +16,6 @@ from instdisc.stages._common import ENCODER_TAG
 from instdisc.config import PrepareParams, SyntheticParams
 from instdisc.serving.embedder import Embedder, ModelInfo
 from instdisc.export import check_parity, parity_images, reference_embeddings
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
