@@ -11,7 +11,7 @@ from instdisc import runtime
 from instdisc.config import PretrainParams
 from instdisc.data import loaders
 from instdisc.data.augment import MEAN, STD, BatchAugment
-from instdisc.data.prepared import PreparedDataset
+from instdisc.data.prepared import PreparedDataset, SplitData
 from instdisc.evaluate import label_free
 from instdisc.evaluate.knn import compute_features
 
@@ -94,22 +94,19 @@ class TrainData:
     def monitor_features(self, encoder: nn.Module) -> tuple[Tensor, Tensor]:
         """Encoder features and labels of the monitor's fixed, class-stratified test subset."""
         assert self.monitor is not None, "no test split"
-        batches = loaders.eval_batches(self.monitor, 256, self.device,
-                                       image_size=self.eval_image_size[0], resize=self.eval_resize,
-                                       num_workers=min(2, self.params.num_workers),
-                                       mean=self.mean, std=self.std)
-        features = compute_features(encoder, batches, self.monitor.num_items, self.device,
-                                    progress=False)
-        return features, self.monitor.labels.to(self.device)
-
+        return self.features(encoder, self.monitor), self.monitor.labels.to(self.device)
 
     def train_features(self, encoder: nn.Module) -> Tensor:
         """Encoder features of every training image, unaugmented (the bank's counterpart)."""
-        batches = loaders.eval_batches(self.train, 256, self.device,
+        return self.features(encoder, self.train)
+
+    def features(self, encoder: nn.Module, split: SplitData) -> Tensor:
+        """Encoder features (N, D) of `split`'s images, unaugmented, as evaluation reads them."""
+        batches = loaders.eval_batches(split, 256, self.device,
                                        image_size=self.eval_image_size[0], resize=self.eval_resize,
                                        num_workers=min(2, self.params.num_workers),
                                        mean=self.mean, std=self.std)
-        return compute_features(encoder, batches, self.num_items, self.device, progress=False)
+        return compute_features(encoder, batches, split.num_items, self.device, progress=False)
 
     def label_free_metrics(self, encoder: nn.Module, seed: int) -> dict[str, float]:
         """Alignment, alignment ratio, uniformity and augmentation retrieval of `encoder` on the

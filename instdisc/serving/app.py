@@ -245,6 +245,8 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                          f"{'no index' if index is None else f'{len(index.ids)} items'} vs "
                          f"{ann.ntotal} in the ANN index")
     method = (ann_kind or "ann") if ann is not None else "exact"
+    if ann is not None:
+        from instdisc.serving.ann import ann_search  # faiss only when an ANN index is loaded
     sha256 = file_sha256(embedder.model_path)
     model = {"sha256": sha256, "version": model_version, "file": embedder.model_path.name}
     batcher = MicroBatcher(embedder.run, max_batch, max_wait_ms / 1000)
@@ -294,8 +296,6 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
             used = "exact"
             scores, rows = await loop.run_in_executor(None, search, index.embeddings, query, k)
         else:
-            from instdisc.serving.ann import ann_search  # faiss only when an ANN index is loaded
-
             used = method
             scores, rows = await loop.run_in_executor(None, ann_search, ann, query, k)
         return {"model": model, "k": k, "search": used, "hits": [
