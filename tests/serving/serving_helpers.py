@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from instdisc import checkpoint
@@ -97,3 +98,17 @@ def running_server(app, timeout: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    """The tiny exported encoder (read only); import it into a test module as a fixture."""
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny: Tiny):
+    """A CPU `Embedder` of `tiny`, batch size 4."""
+    from instdisc.serving.embedder import Embedder
+
+    return Embedder(tiny.onnx_path, device="cpu", batch_size=4)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 from serving_helpers import write_images
+from serving_helpers import tiny, embedder  # noqa: F401 (fixtures)
 
 from instdisc import cli
 from instdisc.serving.ann import ann_search, build_faiss, build_for_index, load_faiss, recall_at_k

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from serving_helpers import FEATURE_DIM, IMAGE_SIZE, running_server, write_images
+from serving_helpers import tiny, embedder  # noqa: F401 (fixtures)
 
 from instdisc.io import file_sha256
 from instdisc.serving.app import Limits, MicroBatcher, create_app

@@ -3,6 +3,7 @@ import json
 import pytest
 from PIL import Image
 from serving_helpers import write_images
+from serving_helpers import tiny  # noqa: F401 (fixtures)
 
 from instdisc import cli
 

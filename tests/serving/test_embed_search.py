@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from serving_helpers import FEATURE_DIM, write_images
+from serving_helpers import tiny, embedder  # noqa: F401 (fixtures)
 
 from instdisc.serving.index import build_index, open_source
 from instdisc.serving.embedder import Embedder

@@ -6,6 +6,7 @@ import onnx
 import pytest
 from PIL import Image
 from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, write_images
+from serving_helpers import tiny, embedder  # noqa: F401 (fixtures)
 
 from instdisc.serving.embedder import CPU, CUDA, Embedder, ProviderError, cuda_driver_present, fit_image
 

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from serving_helpers import FEATURE_DIM, IMAGE_SIZE, random_images, tiny_encoder_file
+from serving_helpers import tiny  # noqa: F401 (fixtures)
 
 from instdisc import checkpoint, cli, tracking
 from instdisc.io import file_sha256
