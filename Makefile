@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 pipeline: venv
 	$(BIN)/python -m flows.pipeline
-	$(BIN)/dvc metrics show metrics/evaluate.json
-	@echo "every stage's metrics: dvc metrics show; curves: plots/pretrain_history.png; runs: mlflow ui"
+	$(BIN)/python -m flows.metrics
+	@echo "curves: plots/pretrain_history.png; runs: mlflow ui"
 
 test: venv
 	$(BIN)/python -m pytest

@@ -77,6 +77,57 @@ def random_init_rows(flat: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# The headline of each stage for `summary_rows`: (stage, metric, its baseline beside it or None).
+HEADLINES = (
+    ("prepare", "train_images", None), ("prepare", "test_images", None),
+    ("pretrain", "epochs", None), ("pretrain", "images_per_second", None),
+    ("evaluate", "knn.top1", "random_init.knn.top1"),
+    ("evaluate", "label_free.retrieval_top1", "random_init.label_free.retrieval_top1"),
+    ("linear", "top1.conv5", "random_init.top1.conv5"),
+    ("places", "top1.conv5", "random_init.top1.conv5"),
+    ("semi_supervised", "labels_10pct.pretrained", "labels_10pct.scratch"),
+    ("semi_supervised", "labels_1pct.pretrained", "labels_1pct.scratch"),
+    ("detection", "map", "random_init.map"),
+    ("export", "parity.passed", None), ("export", "int8_parity.passed", None),
+)
+
+
+def summary_rows(flat: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """[{"stage", "metric", "value", "baseline"}]: the HEADLINES present in `flat` (a skipped
+    stage shows its reason), short enough to read in a 100-column terminal."""
+    rows = []
+    for stage, metric, baseline in HEADLINES:
+        first = metric == next(m for s, m, _ in HEADLINES if s == stage)
+        if first and isinstance(flat.get(f"{stage}.skipped"), str):  # e.g. "no labels: ..."
+            rows.append({"stage": stage, "metric": "skipped",
+                         "value": str(flat[f"{stage}.skipped"])[:60], "baseline": None})
+        elif f"{stage}.{metric}" in flat:
+            rows.append({"stage": stage, "metric": metric, "value": flat[f"{stage}.{metric}"],
+                         "baseline": flat.get(f"{stage}.{baseline}") if baseline else None})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.metrics [repo]`: the summary table of the workspace's metrics files."""
+    import argparse
+    import sys
+
+    from flows.dag import load_graph
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("repo", nargs="?", default=".", type=Path)
+    args = parser.parse_args(argv)
+    graph = load_graph(args.repo)
+    files, problems = read_workspace(args.repo, graph)
+    rows = summary_rows(by_stage(graph, files))
+    sys.stdout.write(markdown_table(rows, ["stage", "metric", "value", "baseline"]) + "\n")
+    for problem in problems:
+        sys.stdout.write(f"(missing) {problem}\n")
+    sys.stdout.write("every metric: dvc metrics show; baselines are random init (scratch for "
+                     "semi_supervised)\n")
+    return 0
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A GitHub-flavoured markdown table; floats to 4 significant digits."""
     if not rows:
@@ -95,3 +146,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

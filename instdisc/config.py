@@ -70,11 +70,22 @@ class SplitFolders:
                f"a folder other than splits.train ({self.train!r})")
 
 
+# The embedded dataset's source is the file of its generator: dvc.yaml declares `${prepare.source}`
+# a dep of `prepare`, so DVC hashes whatever the source is (the generator's code here; a user's
+# folder, archive or `dvc add`-ed directory otherwise). "synthetic" is accepted as a short name.
+SYNTHETIC_SOURCE = "instdisc/data/synthetic.py"
+
+
+def is_synthetic(source: str) -> bool:
+    """Whether `source` names the embedded generator ("synthetic" or SYNTHETIC_SOURCE)."""
+    return source == "synthetic" or Path(source).as_posix().endswith(SYNTHETIC_SOURCE)
+
+
 @dataclass(frozen=True)
 class PrepareParams:
     """Stage `prepare`: where the images come from and how they are stored."""
 
-    source: str = "synthetic"  # "synthetic", or a folder / .zip / .tar(.gz) of images
+    source: str = SYNTHETIC_SOURCE  # the embedded set, or a folder / .zip / .tar(.gz) of images
     on_error: Literal["skip", "fail"] = "skip"
     max_in_memory_size: int = 64  # images up to this many pixels a side are stored as one uint8 array
     image_size: int = 0  # resize in-memory images to this square size; 0 keeps the source size
@@ -89,7 +100,7 @@ class PrepareParams:
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
     def __post_init__(self) -> None:
-        _check(bool(self.source), "source", self.source, "'synthetic' or a path")
+        _check(bool(self.source), "source", self.source, f"{SYNTHETIC_SOURCE!r} or a path")
         _check(self.max_in_memory_size >= 1, "max_in_memory_size", self.max_in_memory_size, ">= 1")
         _check(self.image_size >= 0, "image_size", self.image_size, ">= 0")
         _check(self.max_shorter_side == 0 or self.max_shorter_side >= 8, "max_shorter_side",

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from instdisc.config import PrepareParams
+from instdisc.config import PrepareParams, is_synthetic
 from instdisc.data.archive import source_kind
 from instdisc.data.decode import DECODE_ERRORS, decode_rgb
 from instdisc.data.prepared import UNLABELED, atomic_output_dir, write_prepared
@@ -56,7 +56,7 @@ def prepare(params: PrepareParams, seed: int, out_dir: Path,
     """
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir) as tmp:
-        if params.source == "synthetic":
+        if is_synthetic(params.source):
             classes, items, report = _synthetic_items(params, seed)
         else:
             classes, items, report = _source_items(Path(params.source), params, seed, tmp,
@@ -65,12 +65,18 @@ def prepare(params: PrepareParams, seed: int, out_dir: Path,
         splits, layout = assemble(items, params, tmp)
         report.update(layout)
         report["counts"] = {split: _counts(its, classes) for split, its in items.items()}
-        meta, report = write_prepared(tmp, source=params.source, classes=classes,
+        meta, report = write_prepared(tmp, source=portable_source(params.source), classes=classes,
                                       splits=splits, report=report)
     log.info("prepared %s -> %s: %s, %s storage, %d skipped, fingerprint %s", params.source,
              out_dir, {s: len(v) for s, v in items.items()}, layout["storage"],
              len(report.get("skipped", [])), meta["fingerprint"][:12])
     return report
+
+
+def portable_source(source: str) -> str:
+    """How the prepared set names its source: a relative path (inside the repository) as given,
+    an absolute one by its name only, so that nothing under data/prepared points outside it."""
+    return Path(source).name if Path(source).is_absolute() else source
 
 
 def _counts(items: list[Item], classes: list[str]) -> dict[str, int]:
@@ -152,7 +158,7 @@ def _source_items(path: Path, params: PrepareParams, seed: int, tmp: Path,
     shown = {s: "held out of train" if f is None else f or "." for s, f in folders.items()}
     log.info("%s: splits from %s, %s", path, shown, "labelled by class folders" if classes
              else "no labels")
-    report = {"source": str(path), "kind": source.kind, "labeled": bool(classes),
+    report = {"source": portable_source(str(path)), "kind": source.kind, "labeled": bool(classes),
               "split_folders": shown, "holdout": holdout, "skipped": skipped,
               "duplicates": _duplicates(by_digest), "converted": dict(sorted(converted.items())),
               "ignored_splits": [s for s in source.splits if s not in split_of],

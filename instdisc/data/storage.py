@@ -2,9 +2,10 @@
 
 If every image has at most `max_in_memory_size` pixels a side, each split becomes one uint8
 array (resized to `image_size`, or to the most common size when sizes differ). Otherwise every
-split is a manifest of files: the originals of a folder source, the files extracted from an
-archive into `files/`, and, with `max_shorter_side` > 0, images whose shorter side is longer
-than that re-encoded (FFCV-style, https://ffcv.io): resized with the aspect ratio kept (bicubic,
+split is a manifest of files, all inside the prepared folder (so that it is complete in the DVC
+cache and travels through a remote): copies of a folder source's originals and the files extracted
+from an archive, under `files/<relpath>`, and, with `max_shorter_side` > 0, images whose shorter
+side is longer than that re-encoded (FFCV-style, https://ffcv.io): resized with the aspect ratio kept (bicubic,
 antialiased), written as JPEG at `reencode_quality` to `files/<relpath>` (`.jpg` appended to a
 name that is not a JPEG's). Decoding and cropping such a file costs a fraction of the original;
 a bound of >= S / sqrt(crop_scale_min) (about 500 for S = 224, scale 0.2) keeps even the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ class Item:
     relpath: str  # <split>/<class>/<name>
     size: tuple[int, int]  # (H, W) as decoded
     pixels: np.ndarray | None = None  # uint8 (H, W, 3), small images only
-    path: str | None = None  # manifest path: absolute original, or "files/<relpath>"
+    path: str | None = None  # an absolute original (folder source), or "files/<relpath>"
     raw: bytes | None = None  # archive bytes of a small image, in case the storage is a manifest
 
 
@@ -58,7 +60,8 @@ def assemble(items: Items, params: PrepareParams,
     if large:
         log.info("%d images exceed max_in_memory_size = %d (e.g. %s): manifest storage",
                  len(large), params.max_in_memory_size, large[0].relpath)
-        paths = {s: [it.path or _write_file(tmp, it) for it in its] for s, its in items.items()}
+        paths = {s: [_manifest_path(tmp, it, params.max_shorter_side) for it in its]
+                 for s, its in items.items()}
         reencoded = None
         if params.max_shorter_side > 0:
             reencoded = _reencode_all(items, paths, params.max_shorter_side,
@@ -141,6 +144,19 @@ def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 (h, w, 3) -> (H, W, 3), bicubic with Pillow's antialiasing (aspect not kept)."""
     image = Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return np.asarray(image)
+
+
+def _manifest_path(tmp: Path, item: Item, max_shorter_side: int) -> str:
+    """The item's path under tmp/files/: a folder original is copied there, unless it is about to
+    be re-encoded (then `_reencode_all` reads the original and writes only the smaller file)."""
+    if item.path is None:
+        return _write_file(tmp, item)
+    if not Path(item.path).is_absolute() or 0 < max_shorter_side < min(item.size):
+        return item.path
+    target = tmp / "files" / item.relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(item.path, target)
+    return f"files/{item.relpath}"
 
 
 def _write_file(tmp: Path, item: Item) -> str:

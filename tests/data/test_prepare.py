@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,24 @@ def test_large_images_become_a_manifest_read_by_paths(tmp_path):
     assert train.paths[3].read_bytes() == files["train/cat/big.png"]
     folder = run(tmp_path, write_folder(tmp_path / "src", files), out="p2", max_in_memory_size=16)
     assert folder["fingerprint"] == report["fingerprint"]
-    assert PreparedDataset.open(tmp_path / "p2").split("test").paths[0] == \
-        tmp_path / "src" / "test" / "cat" / "000.png"
+    copy = PreparedDataset.open(tmp_path / "p2").split("test").paths[0]
+    assert copy == tmp_path / "p2" / "files" / "test" / "cat" / "000.png"  # a copy, inside
+    assert copy.read_bytes() == files["test/cat/000.png"]
+
+
+def test_a_folder_source_prepares_a_self_contained_set(tmp_path):
+    """Nothing under data/prepared points outside it: the folder can go, the set still reads."""
+    files = clean_tree(size=8)
+    files["train/cat/big.png"] = encode(rgb(20, 5), "PNG")
+    source = write_folder(tmp_path / "photos", files)
+    run(tmp_path, source.absolute(), max_in_memory_size=16)
+    texts = [p.read_text() for p in (tmp_path / "prepared").iterdir() if p.suffix in
+             (".json", ".jsonl")]
+    assert texts and not any(str(tmp_path) in text for text in texts)
+    shutil.rmtree(source)
+    data = PreparedDataset.open(tmp_path / "prepared")
+    assert [p.read_bytes() for p in data.split("train").paths][3] == files["train/cat/big.png"]
+    assert json.loads((tmp_path / "prepared" / "meta.json").read_text())["source"] == "photos"
 
 
 def test_mixed_sizes_resize_to_the_most_common_or_to_image_size(tmp_path):

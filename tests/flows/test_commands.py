@@ -115,6 +115,20 @@ def test_metrics_are_named_stage_dot_key(tmp_path):
     assert table.splitlines()[2] == "| evaluate | knn.top1 | 51.5 |"
 
 
+def test_summary_rows_show_each_stage_headline_beside_its_baseline():
+    flat = {"prepare.train_images": 30, "prepare.skipped": 0, "evaluate.knn.top1": 43.8,
+            "evaluate.random_init.knn.top1": 19.1, "evaluate.knn.top5": 88.0,
+            "linear.skipped": "no labels: kNN and probes need classes", "detection.map": 0.5,
+            "detection.random_init.map": 0.25, "export.int8_parity.passed": False}
+    assert metrics.summary_rows(flat) == [
+        {"stage": "prepare", "metric": "train_images", "value": 30, "baseline": None},
+        {"stage": "evaluate", "metric": "knn.top1", "value": 43.8, "baseline": 19.1},
+        {"stage": "linear", "metric": "skipped", "value": "no labels: kNN and probes need classes",
+         "baseline": None},
+        {"stage": "detection", "metric": "map", "value": 0.5, "baseline": 0.25},
+        {"stage": "export", "metric": "int8_parity.passed", "value": False, "baseline": None}]
+
+
 def test_random_init_rows_pair_each_flag_with_both_values():
     flat = {"evaluate.knn.top1": 43.8, "evaluate.random_init.knn.top1": 19.1,
             "evaluate.label_free.alignment": 0.34, "evaluate.random_init.label_free.alignment":
