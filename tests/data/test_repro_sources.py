@@ -145,3 +145,32 @@ def test_scene15_zip_prepares_pretrains_and_evaluates_through_dvc_repro(tmp_path
     assert trained > 100 / 15 and 0.0 <= random_init <= 100.0
     assert set(LABEL_FREE) < set(scores["label_free"])
     assert_outputs_exist(repo, ["prepare", "pretrain", "evaluate"])
+
+
+def stale_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    out = run(["dvc", "status", "--json"], repo, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout or "{}"))
+
+
+@pytest.mark.parametrize("kind", ["folder", "archive"])
+def test_a_changed_source_makes_prepare_stale_and_an_unchanged_one_does_not(tmp_path, kind):
+    """The source's content is a dep of `prepare`: a new image (folder) or an archive rewritten
+    in place reruns it; nothing changed, nothing reruns."""
+    files = photo_collection(12)
+    write = (lambda f: write_folder(tmp_path / "photos", f)) if kind == "folder" else \
+        (lambda f: write_zip(tmp_path / "photos.zip", f))
+    source = write(files)
+    repo = make_pipeline_repo(tmp_path, {"prepare": {"source": str(source),
+                                                     "holdout_fraction": 0.25}})
+    repro(repo, "prepare")
+    assert "prepare" not in stale_stages(repo)
+    assert "Running stage" not in repro(repo, "prepare")
+    files["2021/new.png"] = encode(rgb(16, 999), "PNG")
+    write(files)
+    assert "prepare" in stale_stages(repo)
+    assert "Running stage 'prepare'" in repro(repo, "prepare")
+    counts = read_json(repo, "data/prepared/report.json")["counts"]
+    assert counts["train"]["(unlabeled)"] + counts["test"]["(unlabeled)"] == 13
+    assert read_json(repo, "data/prepared/meta.json")["source"] == source.name  # no abs path
