@@ -214,12 +214,43 @@ class PretrainParams:
             return []
         return nce_only + (["bank_momentum"] if self.loss == "parametric" else [])
 
+    def result_keys_differing(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{key: (saved value, this value)} for the result-defining keys where a checkpoint's
+        params `saved` differ from these: every key but OPERATIONAL_KEYS and the budget (`epochs`,
+        which a resumed run may extend). A key the checkpoint predates counts as its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        differing = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key in OPERATIONAL_KEYS or key in BUDGET_KEYS:
+                continue
+            old = saved.get(key, defaults[key])
+            if _as_lists(old) != _as_lists(value):
+                differing[key] = (old, value)
+        return differing
+
     def check_dataset_size(self, num_items: int) -> None:
         """Checks that need the training-set size n (m < n: the positive is excluded)."""
         if self.loss == "nce" and self.num_negatives >= num_items:
             raise ParamsError(
                 f"params.yaml[pretrain][num_negatives] = {self.num_negatives}: must be smaller "
                 f"than the number of training images ({num_items})")
+
+
+# Pretrain keys that decide how a run is computed, logged or monitored, not what it learns: a
+# checkpoint made with other values of these is resumed (docs/DESIGN.md, "Resuming" says what each
+# one keeps: logging and monitors leave training bit-identical; workers, decode, compile, layout,
+# amp and the process count give the same run up to floating-point rounding and data order).
+OPERATIONAL_KEYS = frozenset({
+    "amp", "channels_last", "compile", "num_workers", "decode",
+    "monitor_queries", "monitor_label_free", "log_every",
+    "nproc_per_node", "nnodes", "rdzv_endpoint",
+})
+BUDGET_KEYS = frozenset({"epochs"})  # a finished run resumed with more epochs trains the rest
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples as lists, so params that went through torch.save compare equal to fresh ones."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 @dataclass(frozen=True)

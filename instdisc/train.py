@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from instdisc import checkpoint, runtime
 from instdisc.errors import StageError
-from instdisc.config import PretrainParams
+from instdisc.config import OPERATIONAL_KEYS, PretrainParams
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import compute_features, knn_accuracy
 from instdisc.losses import build_loss
@@ -240,22 +240,28 @@ def build_trainer(params: PretrainParams, prepared: PreparedDataset, device: tor
 
 
 def resume_state(path: Path, params: PretrainParams, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it was made with the same params (but `epochs`) and data."""
+    """The checkpoint at `path` if it was made on the same data (fingerprint) with the same
+    result-defining params; operational keys (config.OPERATIONAL_KEYS) and `epochs` may differ.
+    A refusal is logged with what differs."""
     if not path.is_file():
         return None
     state = checkpoint.load(path)
-    saved = _comparable({**state["params"], "epochs": params.epochs})
-    same = saved == _comparable(dataclasses.asdict(params))
-    if not same or state["fingerprint"] != fingerprint:
-        log.warning("ignoring checkpoint %s: it was made with other params or data", path)
+    if state["fingerprint"] != fingerprint:
+        log.warning("ignoring checkpoint %s: made on other data (dataset fingerprint %s, this "
+                    "data %s); training from scratch", path, state["fingerprint"][:12],
+                    fingerprint[:12])
         return None
-    log.info("resuming from %s after epoch %d", path, state["epoch"])
+    differing = params.result_keys_differing(state["params"])
+    if differing:
+        log.warning("ignoring checkpoint %s: result-defining params differ (%s); training from "
+                    "scratch", path, ", ".join(f"pretrain.{key}: {old!r} -> {new!r}"
+                                              for key, (old, new) in differing.items()))
+        return None
+    changed = sorted(k for k in OPERATIONAL_KEYS
+                     if k in state["params"] and state["params"][k] != getattr(params, k))
+    log.info("resuming from %s after epoch %d%s", path, state["epoch"],
+             f" (operational keys changed: {', '.join(changed)})" if changed else "")
     return state
-
-
-def _comparable(params: dict[str, Any]) -> dict[str, Any]:
-    """Params with sequences as lists, so a dict that went through torch.save compares equal."""
-    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in params.items()}
 
 
 def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir: Path,

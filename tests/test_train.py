@@ -13,7 +13,7 @@ from instdisc.config import PretrainParams
 from instdisc.data import loaders
 from instdisc.data.prepared import PreparedDataset
 from instdisc.evaluate.knn import compute_features, knn_accuracy
-from instdisc.train import NonFiniteLossError, build_trainer, fit, lr_at
+from instdisc.train import NonFiniteLossError, build_trainer, fit, lr_at, resume_state
 from instdisc.train_data import TrainData, stratified_subset
 
 TINY = PretrainParams(width=0.125, feature_dim=16, num_negatives=8, epochs=3, batch_size=16,
@@ -138,14 +138,43 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(small_prepared, t
         assert torch.equal(a, b), name
 
 
-def test_checkpoint_of_other_params_is_not_resumed(small_prepared, tmp_path):
+def test_checkpoint_of_other_params_is_not_resumed(small_prepared, tmp_path, caplog):
     fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU, prepared_dir=small_prepared,
         checkpoint_path=tmp_path / "last.pt")
-    other = dataclasses.replace(TINY, epochs=1, lr=0.01)
+    other = dataclasses.replace(TINY, epochs=1, lr=0.01, hue=0.1, log_every=3)
     trainer = fit(other, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "last.pt")
     assert len(trainer.history) == 1                       # trained afresh, not "already done"
     assert checkpoint.load(tmp_path / "last.pt")["params"]["lr"] == 0.01
+    refusal = next(r.getMessage() for r in caplog.records if "ignoring checkpoint" in r.message)
+    assert "pretrain.lr: 0.03 -> 0.01" in refusal and "pretrain.hue: 0.0 -> 0.1" in refusal
+    assert "log_every" not in refusal                      # operational: not a reason
+
+
+def test_operational_keys_resume_a_finished_run_without_training(small_prepared, tmp_path, caplog):
+    caplog.set_level("INFO", logger="instdisc.train")
+    path = tmp_path / "last.pt"
+    done = fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU,
+               prepared_dir=small_prepared, checkpoint_path=path)
+    ops = dataclasses.replace(TINY, epochs=1, num_workers=2, log_every=7, monitor_queries=5,
+                              monitor_label_free=0, channels_last=True, nproc_per_node=1)
+    ran: list[int] = []
+    again = fit(ops, seed=0, device=CPU, prepared_dir=small_prepared, checkpoint_path=path,
+                on_epoch_end=lambda r, e, h: ran.append(e))
+    assert ran == [] and again.history == done.history      # nothing retrained
+    assert torch.equal(again.bank.features, done.bank.features)
+    assert "operational keys changed: channels_last, log_every, monitor_label_free, " \
+        "monitor_queries, num_workers" in caplog.text
+
+
+def test_checkpoint_of_other_data_is_not_resumed(small_prepared, tmp_path, caplog):
+    path = tmp_path / "last.pt"
+    fit(dataclasses.replace(TINY, epochs=1), seed=0, device=CPU, prepared_dir=small_prepared,
+        checkpoint_path=path)
+    saved = checkpoint.load(path)["fingerprint"]
+    assert resume_state(path, dataclasses.replace(TINY, epochs=1), saved) is not None
+    assert resume_state(path, dataclasses.replace(TINY, epochs=1), "f" * 64) is None
+    assert f"other data (dataset fingerprint {saved[:12]}, this data ffffffffffff)" in caplog.text
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_prepared, tmp_path):
