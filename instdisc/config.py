@@ -283,7 +283,10 @@ class ExportParams:
     parity_atol: float = 1e-4
     parity_min_cosine: float = 0.9999
     fp16_atol: float = 1e-2
-    int8: bool = True  # also write an INT8 (static quantization) variant for CPU serving
+    # also write an INT8 (static quantization) variant for CPU serving: true = write it when it
+    # passes its kNN gate (a rejection is reported, the stage still succeeds), "require" = a
+    # rejection fails the stage, false = no INT8 file
+    int8: Literal[True, False, "require"] = True
     int8_calibration_images: int = 256  # prepared training images for the activation ranges
     int8_max_knn_drop: float = 1.0  # kNN top-1 points int8 may lose against fp32 (test split)
     int8_gate_images: int = 5000  # at most this many train (bank) and test (query) images
@@ -297,6 +300,7 @@ class ExportParams:
         _check(self.parity_atol > 0, "parity_atol", self.parity_atol, "> 0")
         _check(0 < self.parity_min_cosine <= 1, "parity_min_cosine", self.parity_min_cosine, "(0, 1]")
         _check(self.fp16_atol > 0, "fp16_atol", self.fp16_atol, "> 0")
+        _check(isinstance(self.int8, bool) or self.int8 == "require", "int8", self.int8, "true, false or require")
         _check(self.int8_calibration_images >= 1, "int8_calibration_images",
                self.int8_calibration_images, ">= 1")
         _check(self.int8_max_knn_drop >= 0, "int8_max_knn_drop", self.int8_max_knn_drop, ">= 0")

@@ -244,7 +244,8 @@ def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
 
     With `int8`, the staged fp32 file is also quantized and kNN-gated (`int8_knn_gate`).
     Parity results go into `metrics` ("parity", "fp16_parity", "int8_parity"); on any failure no
-    file is moved and StageError names the numbers and their bounds.
+    file is moved and StageError names the numbers and their bounds. A rejected INT8 file that is
+    not `required` is left out (exported has no "int8"; int8_parity says why) and the rest moves.
     """
     staged, exported = [], {}
     try:
@@ -263,7 +264,9 @@ def export_gated(encoder: nn.Module, info: ModelInfo, images: np.ndarray,
                                  f"cosine {parity['min_cosine']:.7f} (bound {v.min_cosine})")
         if int8 is not None:
             assert variants[0].name == "fp32", "int8 is quantized from the staged fp32 file"
-            exported["int8"] = _stage_int8(int8, staged[0][0], exported["fp32"], staged, metrics)
+            int8_info = _stage_int8(int8, staged[0][0], exported["fp32"], staged, metrics)
+            if int8_info is not None:
+                exported["int8"] = int8_info
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:
@@ -288,6 +291,7 @@ class Int8Gate(NamedTuple):
     query_labels: np.ndarray  # int64 (Q,)
     num_classes: int
     max_knn_drop: float  # points of kNN top-1 int8 may lose against fp32
+    required: bool = False  # a rejection fails the stage (export.int8: require)
 
 
 def split_pixels(prepared_dir: Path, split_name: str, count: int, image_size: tuple[int, int],
@@ -377,16 +381,26 @@ def int8_knn_gate(fp32_path: Path, int8_path: Path, gate: Int8Gate) -> dict[str,
 
 
 def _stage_int8(gate: Int8Gate, fp32_staged: Path, info: ModelInfo,
-                staged: list[tuple[Path, Path]], metrics: dict[str, Any]) -> ModelInfo:
+                staged: list[tuple[Path, Path]], metrics: dict[str, Any]) -> ModelInfo | None:
+    """Quantize and gate; a rejected INT8 file is never moved into place (and an older one at
+    `gate.path` is removed), and fails the stage only when `gate.required`."""
     tmp = gate.path.with_name(f".{gate.path.name}.staged")
     staged.append((tmp, gate.path))
     exported = quantize_int8(fp32_staged, tmp, gate.calibration, info)
     result = int8_knn_gate(fp32_staged, tmp, gate)
     metrics["int8_parity"], metrics["int8_bytes"] = result, tmp.stat().st_size
-    if not result["passed"]:
-        raise StageError(f"int8 kNN gate failed: top-1 {result['int8_knn_top1']:.2f} vs fp32 "
-                         f"{result['fp32_knn_top1']:.2f} on {result['num_queries']} test images, "
-                         f"a drop of {result['knn_drop']:.2f} points (bound "
-                         f"export.int8_max_knn_drop = {gate.max_knn_drop}); set export.int8: "
-                         "false or calibrate on more images (export.int8_calibration_images)")
-    return exported
+    if result["passed"]:
+        return exported
+    message = (f"int8 kNN gate failed: top-1 {result['int8_knn_top1']:.2f} vs fp32 "
+               f"{result['fp32_knn_top1']:.2f} on {result['num_queries']} test images, a drop of "
+               f"{result['knn_drop']:.2f} points (bound export.int8_max_knn_drop = "
+               f"{gate.max_knn_drop})")
+    if gate.required:
+        raise StageError(f"{message}; export.int8 is 'require': set it to true to ship fp32 "
+                         "alone, or calibrate on more images (export.int8_calibration_images)")
+    staged.remove((tmp, gate.path))
+    tmp.unlink(missing_ok=True)
+    gate.path.unlink(missing_ok=True)  # an INT8 file of an earlier model must not stay beside this one
+    result["rejected"] = f"{message}; no int8 file written, the fp32 model is exported"
+    log.warning("%s (export.int8: require makes this fatal)", result["rejected"])
+    return None

@@ -2,8 +2,9 @@
 
 params.yaml: `device`, `export`. The fp32 gate always runs on the CPU (the reference platform);
 the fp16 one on `device` (auto/cuda* -> CUDA if usable, else CPU); the int8 one (CPU serving)
-compares kNN top-1 on the test split with fp32's. A failed gate fails the stage
-and the ONNX file keeps its previous content. Then the model is registered in MLflow as
+compares kNN top-1 on the test split with fp32's. A failed fp32/fp16 gate fails the stage and the
+ONNX file keeps its previous content; a failed int8 gate only leaves the INT8 file out (reported in
+metrics/export.json `int8_parity.rejected`) unless `export.int8: require`. Then the model is registered in MLflow as
 `export.model_name` with the alias `export.alias`; the registry, not the file, records the
 training and export run ids.
 """
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics["export_seconds"] = round(time.perf_counter() - start, 2)
         if params.fp16:
             tracking.log_artifact(variants[1].path, artifact_path="fp16")
-        if int8 is not None:
+        if "int8" in exported:
             tracking.log_artifact(int8.path, artifact_path="int8")
         if params.register:
             metrics["registry"] = register(params, out, exported["fp32"], metrics, run_id,
@@ -99,6 +100,9 @@ def int8_gate(params: Any, data: Path, out: Path, info: Any, metrics: dict[str, 
 
     prepared = PreparedDataset.open(data)
     if not prepared.labeled or "test" not in prepared.meta["splits"]:
+        if params.int8 == "require":
+            raise StageError(f"export.int8 is 'require', but {data} has no labels or no test "
+                             "split to gate the INT8 file on; set export.int8: true to skip it")
         metrics["int8_parity"] = {"skipped": "int8 is gated on kNN top-1, which needs labels "
                                              "and a test split; no int8 file written"}
         _common.log.warning("%s", metrics["int8_parity"]["skipped"])
@@ -108,7 +112,8 @@ def int8_gate(params: Any, data: Path, out: Path, info: Any, metrics: dict[str, 
     bank, bank_labels = split_pixels(data, "train", params.int8_gate_images, size, resize)
     queries, query_labels = split_pixels(data, "test", params.int8_gate_images, size, resize)
     return Int8Gate(int8_dir(out) / f"{out.stem}.int8.onnx", calibration, bank, bank_labels, queries,
-                    query_labels, len(prepared.classes), params.int8_max_knn_drop)
+                    query_labels, len(prepared.classes), params.int8_max_knn_drop,
+                    required=params.int8 == "require")
 
 
 def register(params: Any, path: Path, info: Any, metrics: dict[str, Any], run_id: str | None,

@@ -280,7 +280,8 @@ def test_export_stage_writes_a_knn_gated_int8_variant(stage_dir):
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
 
 
-def test_export_stage_fails_when_int8_loses_knn_accuracy(stage_dir, monkeypatch, caplog):
+def _int8_loses_knn_accuracy(monkeypatch):
+    """The second kNN evaluation of the gate (int8's) scores 5 points below the first (fp32's)."""
     import instdisc.evaluate.knn as knn
 
     real = knn.knn_accuracy
@@ -292,7 +293,28 @@ def test_export_stage_fails_when_int8_loses_knn_accuracy(stage_dir, monkeypatch,
         return {**result, "top1": calls[0]["top1"] - 5.0} if len(calls) == 2 else result
 
     monkeypatch.setattr(knn, "knn_accuracy", worse_second_time)
+
+
+def test_a_rejected_int8_is_left_out_and_fp32_still_exports(stage_dir, monkeypatch, caplog):
+    stale = stage_dir / "models" / "int8" / "encoder.int8.onnx"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an int8 file of an earlier model")
+    _int8_loses_knn_accuracy(monkeypatch)
     _write_params(stage_dir, parity_batch=4, register=False)
+    assert cli.main(["export"]) == 0
+    gate = json.loads((stage_dir / "metrics" / "export.json").read_text())["int8_parity"]
+    assert not gate["passed"] and gate["knn_drop"] == pytest.approx(5.0)
+    assert "no int8 file written" in gate["rejected"] and "int8_max_knn_drop" in gate["rejected"]
+    assert "int8 kNN gate failed" in caplog.text
+    assert not stale.exists() and stale.parent.is_dir()  # the dvc out folder stays, empty
+    assert not list(stale.parent.glob(".*staged"))
+    assert Embedder(stage_dir / "models" / "encoder.onnx", device="cpu").info.dtype == "float32"
+
+
+def test_export_stage_fails_when_a_required_int8_loses_knn_accuracy(stage_dir, monkeypatch,
+                                                                    caplog):
+    _int8_loses_knn_accuracy(monkeypatch)
+    _write_params(stage_dir, parity_batch=4, register=False, int8="require")
     assert cli.main(["export"]) == 2
     assert "int8 kNN gate failed" in caplog.text and "int8_max_knn_drop" in caplog.text
     assert not (stage_dir / "models" / "int8" / "encoder.int8.onnx").exists()
