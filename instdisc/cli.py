@@ -49,8 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from instdisc import tracking
 
         version = tracking.registry_version(str(args.model))
-    given = {key: getattr(args, key) for key in ("max_body_bytes", "max_pixels", "max_images",
-                                                 "max_k")}
+    given = {key: getattr(args, key) for key in ("max_body_bytes", "max_pixels", "max_aspect",
+                                                 "max_images", "max_k")}
     limits = Limits(**{key: value for key, value in given.items() if value is not None})
     index = load_index(args.index) if args.index else None
     ann, kind = None, None
@@ -183,6 +183,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     for flag, what in [("--max-body-bytes", "largest request body, else 413 (default: 16 MiB)"),
                        ("--max-pixels", "largest image, width x height read before decoding, "
                                         "else 413 (default: 40 million)"),
+                       ("--max-aspect", "largest longer/shorter side ratio, read before "
+                                        "decoding, else 413 (default: 20)"),
                        ("--max-images", "most files in one multipart request (default: 64)"),
                        ("--max-k", "largest k for /search (default: 1000)")]:
         p.add_argument(flag, type=int, default=None, help=what)  # defaults: serving.app.Limits

@@ -47,11 +47,15 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 
 def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
     """16-bit ('I;16*'), 32-bit int ('I') or float ('F') grayscale -> 8-bit RGB, scaled by range."""
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image)  # its own 2- or 4-byte dtype: a float64 copy is 4x a 16-bit image
     peak = float(values.max(initial=0))
     if image.mode == "F":
         top = 1.0 if peak <= 1.0 else 255.0
     else:
         top = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
-    gray = np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8)
+    gray = np.empty(values.shape, dtype=np.uint8)                               # (H, W)
+    rows = max(1, 2**20 // max(1, values.shape[1]))  # float64 in blocks of about 8 MB
+    for start in range(0, len(values), rows):
+        block = values[start:start + rows].astype(np.float64)
+        gray[start:start + rows] = np.clip(block / top * 255 + 0.5, 0, 255)
     return Image.fromarray(gray).convert("RGB")

@@ -124,7 +124,16 @@ def load_faiss_with_meta(root: Path) -> tuple[Any, dict[str, Any]]:
 
 def ann_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Like `search.search`: scores float32 (Q, k') and rows int64 (Q, k'), best first; a row
-    of -1 means FAISS found fewer than k' neighbours."""
+    of -1 means FAISS found fewer than k' neighbours.
+
+    HNSW is searched with efSearch >= k (its candidate list bounds how many hits come back;
+    the index's own efSearch is left as it is: the per-call parameters are thread safe)."""
+    import faiss
+
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))               # (Q, D)
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
-    return index.search(np.ascontiguousarray(queries), min(k, index.ntotal))
+    k = min(k, index.ntotal)
+    params = None
+    if isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=max(index.hnsw.efSearch, k))
+    return index.search(np.ascontiguousarray(queries), k, params=params)

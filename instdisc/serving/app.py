@@ -3,14 +3,16 @@
     POST /embed     one image as the body (Content-Type image/* or application/octet-stream), or
                     multipart/form-data with one or more files -> unit-norm vectors + model hash
     POST /search    one image (same body forms), ?k=10 -> top-k ids and cosine scores of the index
-                    (exact; with a FAISS index loaded, approximate unless ?exact=true)
+                    (exact; with a FAISS index loaded, approximate unless ?exact=true; when
+                    the approximate search finds fewer than k, the answer is exact and says so)
     GET  /health    the process answers
     GET  /ready     model loaded and running on the provider that was asked for (else 503)
     GET  /metadata  model sha256 / registry version, input size, feature dim, provider, limits
 
 Every bad request gets a 4xx JSON body `{"error": "<what is wrong>"}` and the service carries on:
 400 unreadable, truncated or empty image, empty batch; 413 body over `max_body_bytes` or image
-over `max_pixels` (checked from the header, before decoding: decompression bombs); 415 another
+over `max_pixels` or longer than `max_aspect` times its width (checked from the header, before
+decoding: decompression bombs, 1xN strips); 415 another
 Content-Type; 422 bad query values. Concurrent requests are grouped onto the session by
 `MicroBatcher`; images are decoded on a small thread pool so decoding does not starve ORT's
 intra-op threads. Needs fastapi, uvicorn, python-multipart, onnxruntime, numpy and Pillow only:
@@ -56,6 +58,9 @@ class Limits:
 
     max_body_bytes: int = 16 * 2**20
     max_pixels: int = 40_000_000  # per image, read from the header before decoding
+    # longer side / shorter side, from the header: the resize scales the shorter side to the
+    # model input, so a 1x500000 image (1 KB) would otherwise become 32x16000000
+    max_aspect: int = 20
     max_images: int = 64  # files per multipart request
     max_k: int = 1000
 
@@ -185,7 +190,7 @@ def _too_large(limit: int, size: int | None = None) -> JSONResponse:
                                   "(--max-body-bytes)"}, status_code=413)
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def decode_upload(data: bytes, name: str, max_pixels: int, max_aspect: int) -> Image.Image:
     """Encoded image bytes -> RGB image; RequestError naming `name` and the problem."""
     if not data:
         raise RequestError(400, f"{name}: empty image (0 bytes)")
@@ -199,6 +204,10 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise RequestError(413, f"{name}: {width}x{height} = {width * height} pixels, over the "
                                 f"limit of {max_pixels} per image (--max-pixels)")
+    if max(width, height) > max_aspect * max(1, min(width, height)):
+        raise RequestError(413, f"{name}: {width}x{height} has an aspect ratio over the limit "
+                                f"of {max_aspect}:1 (--max-aspect); resizing its shorter side "
+                                "to the model input would make it too large")
     try:
         return decode_rgb(data)[0]
     except DECODE_ERRORS as err:
@@ -267,7 +276,8 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
     _add_error_handlers(app, limits)
 
     def prepare(name: str, data: bytes) -> np.ndarray:
-        return embedder.prepare(decode_upload(data, name, limits.max_pixels))  # (H, W, 3)
+        return embedder.prepare(decode_upload(data, name, limits.max_pixels,
+                                                     limits.max_aspect))  # (H, W, 3)
 
     async def embed_files(files: list[tuple[str, bytes]]) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -298,6 +308,13 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
         else:
             used = method
             scores, rows = await loop.run_in_executor(None, ann_search, ann, query, k)
+            found = int((rows[0] >= 0).sum())
+            if found < min(k, len(index.ids)):  # never fewer hits than asked without a word
+                log.info("%s search found %d of k=%d neighbours: answered exactly", method,
+                         found, k)
+                used = f"exact ({method} found {found} of {k})"
+                scores, rows = await loop.run_in_executor(None, search, index.embeddings,
+                                                          query, k)
         return {"model": model, "k": k, "search": used, "hits": [
             {"id": index.ids[r], "score": float(s)} for r, s in zip(rows[0], scores[0])
             if r >= 0]}

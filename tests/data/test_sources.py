@@ -65,6 +65,27 @@ def test_decode_rgb_converts_modes(tmp_path):
         decode_rgb(b"")
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_grayscale_is_scaled_to_8_bits_by_its_range(mode):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    top, dtype = {"I;16": (65535, np.uint16), "I": (65535, np.int32), "F": (1.0, np.float32)}[mode]
+    values = (rng.random((700, 3000)) * top).astype(dtype)                      # (H, W)
+    values[0, :2] = [0, top]
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG" if mode == "I;16" else "TIFF")
+    image, original = decode_rgb(buffer.getvalue())
+    expected = np.clip(values.astype(np.float64) / top * 255 + 0.5, 0, 255).astype(np.uint8)
+    assert original == mode and image.mode == "RGB" and image.size == (3000, 700)
+    got = np.asarray(image)                                                     # (H, W, 3)
+    assert (got == expected[..., None]).all()  # every block of rows, each channel
+    assert got[0, :2, 0].tolist() == [0, 255]
+
+
 def test_damaged_archives_are_errors_naming_the_archive_or_member(tmp_path):
     (tmp_path / "junk.zip").write_bytes(b"this is not a zip")
     with pytest.raises(ValueError, match=r"cannot read archive '.*junk.zip'"):

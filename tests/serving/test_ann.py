@@ -28,6 +28,15 @@ def test_faiss_recall_against_exact_search(kind):
         build_faiss(vectors, "lsh")
 
 
+def test_hnsw_returns_k_neighbours_even_when_k_exceeds_its_ef_search():
+    vectors = _clustered(3000)
+    index = build_faiss(vectors, "hnsw", ef_search=16)
+    scores, rows = ann_search(index, vectors[:3], k=500)                        # (3, 500)
+    assert rows.shape == (3, 500) and (rows >= 0).all()
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    assert index.hnsw.efSearch == 16  # the per-call parameter does not change the index
+
+
 def test_index_folder_ann_is_refused_when_embeddings_change(tmp_path):
     np.save(tmp_path / "embeddings.npy", _clustered(500))
     report = build_for_index(tmp_path, "hnsw", num_queries=50)
@@ -77,6 +86,16 @@ def test_served_search_uses_the_ann_index_unless_asked_for_exact(tiny, embedder,
         assert approx["hits"][0]["id"] == exact["hits"][0]["id"] == "img_005.png"
         assert approx["hits"][0]["score"] == pytest.approx(exact["hits"][0]["score"], abs=1e-5)
         assert client.get("/metadata").json()["index"]["search"] == "ivf"
+
+    # An IVF search probing 1 of 6 lists finds fewer than all 12: the answer is exact, and says so
+    few = build_faiss(index.embeddings, "ivf", nlist=6, nprobe=1)
+    assert (ann_search(few, index.embeddings[5], k=12)[1] < 0).any()
+    app = create_app(embedder, index=index, ann=few, ann_kind="ivf")
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        body = client.post("/search", params={"k": 12}, content=paths[5].read_bytes(),
+                           headers={"content-type": "image/png"}).json()
+        assert len(body["hits"]) == 12 and body["search"].startswith("exact (ivf found ")
+        assert body["hits"][0]["id"] == "img_005.png"
 
 
 def test_serve_ann_without_an_index_is_refused(tiny):

@@ -71,6 +71,8 @@ BAD_REQUESTS = [
     ("truncated", "truncated", 400, "truncated"),
     ("decompression bomb", dict(content=_png((2000, 2000)),
                                 headers={"content-type": "image/png"}), 413, "2000x2000"),
+    ("1xN strip", dict(content=_png((1, 100_000)), headers={"content-type": "image/png"}), 413,
+     "aspect ratio over the limit of 20:1"),
     ("too large (Content-Length)", dict(content=b"\0" * 300_000,
                                         headers={"content-type": "image/png"}), 413, "too large"),
     ("too large (chunked)", "chunked", 413, "too large"),
