@@ -108,7 +108,7 @@ def dvc_input_hashes(stage: str, repo: Path = Path(".")) -> dict[str, str]:
         root = Path(dvc_repo.root_dir)
         return {f"dvc.dep.{Path(dep.fs_path).relative_to(root).as_posix()}":
                 produced[str(dep.fs_path)]
-                for s in stages if stage in (s.name, s.addressing)
+                for s in stages if stage in (getattr(s, "name", None), s.addressing)
                 for dep in s.deps if str(dep.fs_path) in produced}
 
 

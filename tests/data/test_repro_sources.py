@@ -5,6 +5,8 @@ test split, label-free metrics, label-needing stages skipped), and, slow, the 15
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import logging
 import time
 from pathlib import Path
@@ -174,3 +176,51 @@ def test_a_changed_source_makes_prepare_stale_and_an_unchanged_one_does_not(tmp_
     counts = read_json(repo, "data/prepared/report.json")["counts"]
     assert counts["train"]["(unlabeled)"] + counts["test"]["(unlabeled)"] == 13
     assert read_json(repo, "data/prepared/meta.json")["source"] == source.name  # no abs path
+
+
+def test_a_collection_under_dvc_travels_through_a_remote_and_reproduces_nothing(tmp_path):
+    """README "Your collection under DVC": `dvc add` the photos inside the repo, repro, push to
+    a local-directory remote; a second clone without the photos pulls and reruns nothing, and
+    its encoder embeds the pulled photos like the first clone's."""
+    repo = make_pipeline_repo(tmp_path, {
+        "prepare": {"source": "data/raw/photos", "holdout_fraction": 0.25},
+        "pretrain": {"epochs": 1, "lr_milestones": []}, "evaluate": {"label_free_images": 8},
+        "export": NO_REGISTRY})
+    photos = write_folder(repo / "data" / "raw" / "photos", photo_collection(40))
+    remote = tmp_path / "remote"
+    for cmd in (["dvc", "add", "data/raw/photos"], ["git", "add", "data/raw"],
+                ["dvc", "remote", "add", "-d", "local", str(remote)]):
+        out = run(cmd, repo)
+        assert out.returncode == 0, out.stderr
+    stages = ["prepare", "pretrain", "evaluate", "export"]
+    repro(repo, *stages)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "a run on my photos"],
+                ["dvc", "push"]):
+        out = run(cmd, repo)
+        assert out.returncode == 0, out.stderr
+    out = run(["git", "clone", "-q", str(repo), str(tmp_path / "clone")], tmp_path)
+    assert out.returncode == 0, out.stderr
+    clone = tmp_path / "clone"
+    photos_files = [p for p in photos.rglob("*") if p.is_file()]
+    shutil.rmtree(photos)  # the colleague never had the original folder
+    assert not (clone / "data" / "raw" / "photos").exists()
+    out = run(["dvc", "pull", "data/raw/photos.dvc", *stages], clone, timeout=300)  # ran here
+    assert out.returncode == 0, out.stdout + out.stderr
+    pulled = sorted(p.relative_to(clone) for p in (clone / "data/raw/photos").rglob("*") if p.is_file())
+    assert pulled == sorted(p.relative_to(repo) for p in photos_files)
+    assert stale_stages(clone) & set(stages) == set()  # the others were never run
+    assert "Running stage" not in repro(clone, *stages)
+    assert_outputs_exist(clone, stages)
+    for path in ("data/prepared/meta.json", "metrics/evaluate.json", "models/encoder.onnx"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    # the pulled encoder embeds the pulled photos, and evaluate reruns to the same numbers
+    out = run([sys.executable, "-m", "instdisc.cli", "embed", "data/raw/photos", "-o", "index",
+               "--model", "models/encoder.onnx", "--device", "cpu"], clone, timeout=300)
+    assert out.returncode == 0, out.stderr
+    index = json.loads((clone / "index" / "index.json").read_text())
+    assert index["num_items"] == 40 - len(index["failed"]) and len(index["failed"]) <= 1
+    out = run([sys.executable, "-m", "instdisc.stages.evaluate", "--metrics",
+               str(tmp_path / "again.json")], clone, timeout=300)
+    assert out.returncode == 0, out.stderr
+    again, first = read_json(tmp_path, "again.json"), read_json(repo, "metrics/evaluate.json")
+    assert again["label_free"] == first["label_free"]
