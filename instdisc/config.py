@@ -132,6 +132,9 @@ class PretrainParams:
     z_batches: int = 1  # NCE, z_estimate fixed: Z is the mean over this many first batches
     z_momentum: float = 0.0  # NCE: > 0 smooths Z as an EMA of the batch estimates
     epochs: int = 200
+    # at least this many SGD steps (0: off): a small set trains for more epochs than `epochs`,
+    # ceil(min_steps / steps per epoch), and lr_milestones stretch by the same factor
+    min_steps: int = 0
     batch_size: int = 128
     lr: float = 0.03
     momentum: float = 0.9
@@ -147,7 +150,7 @@ class PretrainParams:
     grayscale_prob: float = 0.2
     hflip: bool = True
     image_size: int = 224  # crop size for images read from files (in-memory sets keep their size)
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)
     channels_last: bool = True
     compile: bool = False
     num_workers: int = 4  # DataLoader workers for file-backed datasets
@@ -184,6 +187,7 @@ class PretrainParams:
         _check(self.z_batches >= 1, "z_batches", self.z_batches, ">= 1")
         _check(0.0 <= self.z_momentum < 1.0, "z_momentum", self.z_momentum, "[0, 1)")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.min_steps >= 0, "min_steps", self.min_steps, ">= 0 (0: epochs alone)")
         _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "[0, 1)")

@@ -38,6 +38,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 CPUs with native bf16 matmul/conv
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX, from /proc/cpuinfo's flags;
+    `cpuinfo` is its text, for tests). Elsewhere bf16 autocast on the CPU is emulated and slower
+    than fp32, so False (also when /proc/cpuinfo cannot be read)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

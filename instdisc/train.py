@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,26 @@ class NonFiniteLossError(StageError):
 def lr_at(epoch: int, base_lr: float, milestones: Iterable[int], gamma: float) -> float:
     """Step decay: base_lr * gamma^(number of milestones <= epoch), epochs counted from 0."""
     return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+class Schedule(NamedTuple):
+    """How long a run trains and when its lr drops, in epochs (of `steps_per_epoch` steps)."""
+
+    epochs: int
+    milestones: tuple[int, ...]
+    steps_per_epoch: int
+
+
+def schedule(params: PretrainParams, steps_per_epoch: int) -> Schedule:
+    """`params.epochs`, or more when that is fewer than `params.min_steps` SGD steps: then
+    ceil(min_steps / steps_per_epoch) epochs, with lr_milestones stretched by the same factor
+    (rounded), so the schedule keeps its shape on a set of any size."""
+    epochs, milestones = params.epochs, tuple(params.lr_milestones)
+    if params.min_steps and epochs * steps_per_epoch < params.min_steps:
+        longer = -(-params.min_steps // max(1, steps_per_epoch))
+        milestones = tuple(max(1, round(m * longer / epochs)) for m in milestones)
+        epochs = longer
+    return Schedule(epochs, milestones, steps_per_epoch)
 
 
 class Progress:
@@ -155,6 +175,10 @@ class Trainer:
     dist: runtime.DistInfo
     history: list[dict] = dataclasses.field(default_factory=list)
     initial: dict[str, float] = dataclasses.field(default_factory=dict)  # the epoch-0 monitor row
+
+    @property
+    def schedule(self) -> Schedule:
+        return schedule(self.params, self.data.steps_per_epoch())
 
     def state(self, epoch: int, history: list[dict], fingerprint: str) -> dict[str, Any]:
         """The resumable training checkpoint (dicts of state_dicts + plain metadata)."""
@@ -267,7 +291,8 @@ def resume_state(path: Path, params: PretrainParams, fingerprint: str) -> dict[s
 def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir: Path,
         checkpoint_path: Path, dist: runtime.DistInfo = runtime.DistInfo(),
         on_epoch_end: EpochHook | None = None, stop_after: int | None = None) -> Trainer:
-    """Train for `params.epochs` epochs (resuming when possible); returns the trained Trainer.
+    """Train for `schedule(...)`'s epochs (`params.epochs`, more under `params.min_steps`),
+    resuming when possible; returns the trained Trainer.
 
     `stop_after` ends the run after that many epochs of this call (used to test resumption).
     Only rank 0 writes the checkpoint; `on_epoch_end(row, epoch, history)` runs on rank 0.
@@ -285,7 +310,12 @@ def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir
     if state is None:
         trainer.initial = initial_monitor(trainer, seed)
     autocast = _autocast(params, device)
-    for epoch in range(start, params.epochs):
+    plan = trainer.schedule
+    if plan.epochs != params.epochs:
+        log.info("%d epochs of %d steps (pretrain.min_steps %d; pretrain.epochs %d), lr "
+                 "milestones %s", plan.epochs, plan.steps_per_epoch, params.min_steps,
+                 params.epochs, list(plan.milestones))
+    for epoch in range(start, plan.epochs):
         if stop_after is not None and epoch - start >= stop_after:
             break
         row = run_epoch(trainer, epoch, seed, autocast)
@@ -324,14 +354,14 @@ def _monitor_text(row: dict[str, float]) -> str:
 
 def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[str, float]:
     """Reseed, set the learning rate, train one epoch, monitor; returns the history row."""
-    params = trainer.params
-    lr = lr_at(epoch, params.lr, params.lr_milestones, params.lr_gamma)
+    params, plan = trainer.params, trainer.schedule
+    lr = lr_at(epoch, params.lr, plan.milestones, params.lr_gamma)
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     start = time.perf_counter()
     batches = trainer.data.epoch_batches(seed, epoch)     # reseeds: shuffle, then per rank
     progress = Progress(trainer.data.steps_per_epoch(), params.log_every,
-                        f"epoch {epoch + 1}/{params.epochs}", trainer.dist.world_size,
+                        f"epoch {epoch + 1}/{plan.epochs}", trainer.dist.world_size,
                         enabled=trainer.dist.is_main)
     try:
         stats = train_one_epoch(trainer.encoder, trainer.loss_fn, trainer.bank,
@@ -347,17 +377,32 @@ def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[st
            "knn_top1": knn_top1, **free,
            "images_per_second": stats["images"] * trainer.dist.world_size / seconds,
            "seconds": seconds}
-    left = (time.perf_counter() - start) * (params.epochs - epoch - 1)
+    left = (time.perf_counter() - start) * (plan.epochs - epoch - 1)
     log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  kNN %.2f%%  %.0f img/s  ETA %s  %s",
-             epoch + 1, params.epochs, row["loss"], lr, row["z"], knn_top1,
+             epoch + 1, plan.epochs, row["loss"], lr, row["z"], knn_top1,
              row["images_per_second"], _clock(left), _monitor_text(free))
     return row
 
 
 def _autocast(params: PretrainParams, device: torch.device) -> Any:
-    """bf16 autocast on CUDA when `amp`; a no-op context elsewhere."""
-    if params.amp and device.type == "cuda":
+    """The encoder forward's autocast context: bf16 when `amp` on CUDA and on CPUs with native
+    bf16 (`runtime.cpu_has_bf16`; emulated bf16 would be slower than fp32), else a no-op. The
+    loss, the bank and the optimizer stay fp32 either way. Logs which one it is."""
+    if not params.amp:
+        log.info("pretrain.amp is off: training in fp32")
+        return nullcontext
+    if device.type == "cuda":
+        log.info("bf16 autocast on %s (pretrain.amp)", device)
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu":
+        if runtime.cpu_has_bf16():
+            log.info("bf16 autocast on the CPU (it has %s; pretrain.amp)",
+                     " / ".join(runtime.BF16_CPU_FLAGS))
+            return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        log.info("fp32 on the CPU: it has no native bf16 (%s), where autocast would be slower",
+                 " / ".join(runtime.BF16_CPU_FLAGS))
+        return nullcontext
+    log.info("fp32 on %s: pretrain.amp applies to CUDA and bf16-capable CPUs", device)
     return nullcontext
 
 

@@ -21,6 +21,7 @@ TINY_PARAMS = {
     "prepare": {"synthetic": {"num_classes": 3, "train_per_class": 16, "test_per_class": 8,
                               "image_size": 16}},
     "pretrain": {"loss": "nce", "width": 0.125, "feature_dim": 16, "num_negatives": 8, "epochs": 2,
+                 "min_steps": 0,
                  "batch_size": 16, "lr_milestones": [1], "monitor_queries": 16,
                  "num_workers": 0},
     "evaluate": {"k": 5, "batch_size": 64},

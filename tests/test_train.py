@@ -194,3 +194,66 @@ def test_too_many_negatives_fail_before_training(small_prepared, tmp_path):
         fit(dataclasses.replace(TINY, num_negatives=48), seed=0, device=CPU,
             prepared_dir=small_prepared, checkpoint_path=tmp_path / "last.pt")
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_cpu_bf16_is_detected_from_the_cpu_flags():
+    intel = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n"
+    assert runtime.cpu_has_bf16(intel)
+    assert runtime.cpu_has_bf16("flags\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert not runtime.cpu_has_bf16("flags\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert not runtime.cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd\n")  # arm64
+    assert not runtime.cpu_has_bf16("")
+
+
+@pytest.mark.parametrize("amp, native, expected", [(True, True, torch.bfloat16),
+                                                   (True, False, torch.float32),
+                                                   (False, True, torch.float32)])
+def test_cpu_training_autocasts_to_bf16_only_where_the_cpu_has_it(
+        small_prepared, tmp_path, monkeypatch, caplog, amp, native, expected):
+    import logging
+
+    from instdisc import train
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    params = dataclasses.replace(TINY, epochs=1, amp=amp)
+    caplog.set_level(logging.INFO, logger="instdisc.train")
+    seen = []
+    real = train.train_one_epoch
+
+    def spy(encoder, *args, **kwargs):  # the dtype of the encoder's output inside the loop
+        handle = encoder.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        try:
+            return real(encoder, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
+                  checkpoint_path=tmp_path / "last.pt")
+    assert seen and set(seen) == {expected}
+    assert trainer.bank.features.dtype == torch.float32  # the bank and the loss stay fp32
+    assert math.isfinite(trainer.history[0]["loss"])
+    words = {torch.bfloat16: "bf16 autocast on the CPU",
+             torch.float32: "amp is off" if not amp else "no native bf16"}[expected]
+    assert words in caplog.text
+
+
+def test_min_steps_stretches_epochs_and_milestones_on_a_small_set():
+    from instdisc.train import schedule
+
+    params = dataclasses.replace(TINY, epochs=40, lr_milestones=(30, 36), min_steps=1800)
+    assert schedule(params, 46) == (40, (30, 36), 46)  # 1840 steps already: unchanged
+    small = schedule(params, 11)                          # 750 images at batch 64
+    assert small.epochs == 164 and small.epochs * 11 >= 1800 > (small.epochs - 1) * 11
+    assert small.milestones == (123, 148)                 # 30/40 and 36/40 of the run
+    assert schedule(dataclasses.replace(params, min_steps=0), 11) == (40, (30, 36), 11)
+
+
+def test_a_min_steps_run_trains_that_many_steps(small_prepared, tmp_path):
+    params = dataclasses.replace(TINY, epochs=2, lr_milestones=(1,), min_steps=10)
+    trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
+                  checkpoint_path=tmp_path / "last.pt")
+    assert trainer.data.steps_per_epoch() == 3            # 48 images, batch 16
+    assert len(trainer.history) == 4                      # ceil(10 / 3) epochs, not 2
+    lrs = [r["lr"] for r in trainer.history]              # the milestone moves from 1 to 2
+    assert lrs == pytest.approx([0.03, 0.03, 0.003, 0.003])

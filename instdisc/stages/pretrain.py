@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "log_z": math.log(z) if z > 0 else float("nan")})
         tracking.set_tags({_common.ENCODER_TAG: file_sha256(args.out)})  # export finds this run by it
         last = history[-1] if history else {}
-        metrics = {"epochs": len(history), "loss": last.get("loss"), "z": last.get("z"),
+        metrics = {"epochs": len(history),
+                   "steps": len(history) * trainer.schedule.steps_per_epoch,
+                   "loss": last.get("loss"), "z": last.get("z"),
                    "knn_top1_monitor": last.get("knn_top1"),
                    "images_per_second": last.get("images_per_second"),
                    "train_seconds": sum(r["seconds"] for r in history),
