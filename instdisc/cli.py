@@ -41,8 +41,11 @@ def _open_embedder(args: argparse.Namespace, strict: bool | None = None):
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve /embed, /search, /health, /ready, /metadata over HTTP (blocks until stopped)."""
-    from instdisc.serving.app import Limits, create_app, serve
+    import os
+
+    from instdisc.serving.app import Limits, create_app
     from instdisc.serving.search import load_index
+    from instdisc.serving.server import ServerLimits, serve
 
     version = None
     if _is_uri(str(args.model)) and str(args.model).startswith("models:/"):
@@ -50,8 +53,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         version = tracking.registry_version(str(args.model))
     given = {key: getattr(args, key) for key in ("max_body_bytes", "max_pixels", "max_aspect",
-                                                 "max_images", "max_k")}
+                                                 "max_images", "max_k", "body_timeout_s",
+                                                 "max_pending")}
     limits = Limits(**{key: value for key, value in given.items() if value is not None})
+    given = {key: getattr(args, key) for key in ("max_connections", "header_timeout_s",
+                                                 "keep_alive_s", "shutdown_timeout_s")}
+    server_limits = ServerLimits(**{k: v for k, v in given.items() if v is not None})
+    api_key = os.environ.get("INSTDISC_API_KEY") or None
+    if args.api_key_file is not None:
+        api_key = args.api_key_file.read_text().strip()
+        if not api_key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it "
+                    "(--api-key-file or INSTDISC_API_KEY)", args.host)
     index = load_index(args.index) if args.index else None
     ann, kind = None, None
     if args.ann:
@@ -66,8 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(_open_embedder(args, strict=not args.allow_cpu_fallback), index=index,
                      model_version=version, limits=limits, max_batch=args.max_batch,
                      max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads,
-                     ann=ann, ann_kind=kind)
-    serve(app, host=args.host, port=args.port)
+                     ann=ann, ann_kind=kind, api_key=api_key, docs=args.docs)
+    serve(app, host=args.host, port=args.port, limits=server_limits,
+          access_log=not args.no_access_log)
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -186,8 +202,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        ("--max-aspect", "largest longer/shorter side ratio, read before "
                                         "decoding, else 413 (default: 20)"),
                        ("--max-images", "most files in one multipart request (default: 64)"),
-                       ("--max-k", "largest k for /search (default: 1000)")]:
-        p.add_argument(flag, type=int, default=None, help=what)  # defaults: serving.app.Limits
+                       ("--max-k", "largest k for /search (default: 1000)"),
+                       ("--max-pending", "most images being decoded or embedded at once, "
+                                         "else 503 (default: 256)"),
+                       ("--max-connections", "open connections; more are closed at once "
+                                             "(default: 1000)")]:
+        p.add_argument(flag, type=int, default=None, help=what)  # defaults: Limits, ServerLimits
+    for flag, dest, what in [
+            ("--body-timeout", "body_timeout_s", "seconds for a request body to arrive, else "
+                                                 "408 (default: 30)"),
+            ("--header-timeout", "header_timeout_s", "seconds for a request head to arrive, "
+                                                     "else the connection is closed (default: 10)"),
+            ("--keep-alive", "keep_alive_s", "idle keep-alive seconds (default: 5)"),
+            ("--shutdown-timeout", "shutdown_timeout_s", "seconds requests in flight get on "
+                                                         "SIGTERM before exit (default: 10)")]:
+        p.add_argument(flag, dest=dest, type=float, default=None, help=what)
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="file holding the API key every route but /health requires as "
+                        "'Authorization: Bearer <key>' (or set INSTDISC_API_KEY)")
+    p.add_argument("--docs", action="store_true", help="publish /docs and /openapi.json")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no log line per request (default: uvicorn's access log)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -8,14 +8,19 @@
     GET  /health    the process answers
     GET  /ready     model loaded and running on the provider that was asked for (else 503)
     GET  /metadata  model sha256 / registry version, input size, feature dim, provider, limits
+    GET  /metrics   Prometheus text: requests by route and status, latency, images in flight
 
 Every bad request gets a 4xx JSON body `{"error": "<what is wrong>"}` and the service carries on:
 400 unreadable, truncated or empty image, empty batch; 413 body over `max_body_bytes` or image
 over `max_pixels` or longer than `max_aspect` times its width (checked from the header, before
-decoding: decompression bombs, 1xN strips); 415 another
-Content-Type; 422 bad query values. Concurrent requests are grouped onto the session by
-`MicroBatcher`; images are decoded on a small thread pool so decoding does not starve ORT's
-intra-op threads. Needs fastapi, uvicorn, python-multipart, onnxruntime, numpy and Pillow only:
+decoding: decompression bombs, 1xN strips); 415 another Content-Type; 422 bad query values; 408
+a body that has not arrived within `body_timeout_s`; 503 more than `max_pending` images in flight
+(busy); 401 a missing or wrong API key (when the app has one; /health stays open). /docs and
+/openapi.json exist only with `docs=True`. A client that leaves before its body is read costs
+one INFO line. Connection limits and timeouts: `serving.server`. Concurrent requests are grouped
+onto the session by `MicroBatcher`; images are decoded on a small thread pool so decoding does
+not starve ORT's intra-op threads. Needs fastapi, uvicorn, python-multipart, prometheus-client,
+onnxruntime, numpy and Pillow only:
 no torch, dvc or prefect (tests/serving/test_app.py checks it).
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import io
 import logging
 import os
@@ -37,9 +43,10 @@ from typing import Any, Callable
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instdisc.data.decode import DECODE_ERRORS, decode_rgb
@@ -63,6 +70,8 @@ class Limits:
     max_aspect: int = 20
     max_images: int = 64  # files per multipart request
     max_k: int = 1000
+    body_timeout_s: float = 30.0  # the whole body must arrive within this, else 408
+    max_pending: int = 256  # images being decoded or waiting for the session, else 503
 
     def __post_init__(self) -> None:
         for key, value in dataclasses.asdict(self).items():
@@ -158,12 +167,17 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
 class BodyLimit:
     """ASGI middleware: 413 for a Content-Length over `max_bytes` before reading anything, and
-    for a streamed (chunked) body as soon as it passes `max_bytes`."""
+    for a streamed (chunked) body as soon as it passes `max_bytes`; 408 when the body has not
+    fully arrived `timeout_s` after the app started reading it (a slow upload)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -171,14 +185,21 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             return await _too_large(self.max_bytes, int(length))(scope, receive, send)
-        seen = 0
+        seen, deadline, done = 0, None, False
 
         async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline, done
+            if done:  # the body is read: what is left is the disconnect, with no deadline
+                return await receive()
+            deadline = deadline or time.monotonic() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise BodyTimeout from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise BodyTooLarge
+            done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -241,11 +262,14 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                model_version: str | None = None, limits: Limits = Limits(),
                max_batch: int = 64, max_wait_ms: float = 2.0,
                decode_threads: int | None = None, ann: Any | None = None,
-               ann_kind: str | None = None) -> FastAPI:
+               ann_kind: str | None = None, api_key: str | None = None,
+               docs: bool = False) -> FastAPI:
     """The FastAPI app serving `embedder` (and `index` for /search); see the module docstring.
 
     `ann` is a FAISS index over `index`'s embeddings (`instdisc.serving.ann.load_faiss`, of
     kind `ann_kind`): /search then answers from it unless the request asks ?exact=true.
+    With `api_key`, every route but /health needs `Authorization: Bearer <api_key>` (else 401).
+    `docs` publishes /docs and /openapi.json (off by default).
     """
     if index is not None:
         index.check_model(embedder)
@@ -271,19 +295,33 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
         batcher.stop()
         decoders.shutdown(wait=False)
 
-    app = FastAPI(title="instdisc embedding service", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app = FastAPI(title="instdisc embedding service", lifespan=lifespan,
+                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
+    counters = RequestMetrics(batcher)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    app.add_middleware(Guard, api_key=api_key, metrics=counters)  # outermost: auth, then metrics
     _add_error_handlers(app, limits)
+    pending = 0  # images accepted and not yet embedded (the event loop is single-threaded)
 
     def prepare(name: str, data: bytes) -> np.ndarray:
         return embedder.prepare(decode_upload(data, name, limits.max_pixels,
                                                      limits.max_aspect))  # (H, W, 3)
 
     async def embed_files(files: list[tuple[str, bytes]]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        pixels = await asyncio.gather(*(loop.run_in_executor(decoders, prepare, name, data)
-                                        for name, data in files))
-        return await asyncio.wrap_future(batcher.submit(np.stack(pixels)))      # (n, D)
+        nonlocal pending
+        if pending + len(files) > limits.max_pending:
+            raise RequestError(503, f"service busy: {pending} images in flight, the limit is "
+                                    f"{limits.max_pending} (--max-pending); retry later")
+        pending += len(files)
+        counters.pending.set(pending)
+        try:
+            loop = asyncio.get_running_loop()
+            pixels = await asyncio.gather(*(loop.run_in_executor(decoders, prepare, name, data)
+                                            for name, data in files))
+            return await asyncio.wrap_future(batcher.submit(np.stack(pixels)))  # (n, D)
+        finally:
+            pending -= len(files)
+            counters.pending.set(pending)
 
     @app.post("/embed")
     async def embed(request: Request) -> dict[str, Any]:
@@ -338,12 +376,90 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                 "feature_dim": info.feature_dim, "input_format": info.input_format,
                 "provider": embedder.provider, "device": embedder.device, "info": info.as_dict(),
                 "index": None if index is None else {"num_items": len(index.ids),
-                                                     "path": str(index.root), "search": method},
+                                                     "name": index.root.name, "search": method},
                 "limits": dataclasses.asdict(limits),
                 "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
                              "batches": batcher.batches, "images": batcher.images}}
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(counters.exposition(), media_type=counters.content_type)
+
     return app
+
+
+class RequestMetrics:
+    """Prometheus counters of one app (its own registry): requests by route and status, their
+    latency, images in flight, and the micro-batcher's batches and images."""
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("instdisc_requests", "HTTP requests", ["route", "status"],
+                                registry=self.registry)
+        self.seconds = Histogram("instdisc_request_seconds", "request latency", ["route"],
+                                 registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.pending = Gauge("instdisc_images_pending", "images being decoded or embedded",
+                             registry=self.registry)
+        Gauge("instdisc_batches", "session runs of the micro-batcher", registry=self.registry
+              ).set_function(lambda: batcher.batches)
+        Gauge("instdisc_batched_images", "images embedded by the micro-batcher",
+              registry=self.registry).set_function(lambda: batcher.images)
+
+    @property
+    def content_type(self) -> str:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.seconds.labels(route).observe(seconds)
+
+
+ROUTES = ("/embed", "/search", "/health", "/ready", "/metadata", "/metrics", "/docs",
+          "/openapi.json")
+OPEN_ROUTES = ("/health",)  # answered without the API key: liveness probes carry none
+
+
+class Guard:
+    """ASGI middleware: the API key (when set) and the request metrics. A missing or wrong key
+    is a 401 JSON error and never reaches the app; the key is compared in constant time."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: RequestMetrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ROUTES else "other"  # bounded label values
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and path not in OPEN_ROUTES and not hmac.compare_digest(
+                    dict(scope["headers"]).get(b"authorization", b""), self.expected):
+                denied = JSONResponse({"error": "missing or wrong API key: send "
+                                                "'Authorization: Bearer <key>'"}, status_code=401,
+                                      headers={"WWW-Authenticate": "Bearer"})
+                return await denied(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe(route, status, time.perf_counter() - start)
 
 
 def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
@@ -357,6 +473,19 @@ def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
     async def body_too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
         return _too_large(limits.max_body_bytes)
 
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(_: Request, err: BodyTimeout) -> JSONResponse:
+        return JSONResponse({"error": f"request body not received within "
+                                      f"{limits.body_timeout_s:g} s (--body-timeout)"},
+                            status_code=408, headers={"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, _: ClientDisconnect) -> Response:
+        client = request.client
+        log.info("client %s left before its request was read", f"{client.host}:{client.port}"
+                 if client else "?")
+        return Response(status_code=499)  # nginx's "client closed request"; nobody receives it
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
@@ -367,8 +496,3 @@ def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
         return JSONResponse({"error": problems}, status_code=422)
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run `app` with uvicorn in this process (one worker: one ORT session owns the cores)."""
-    import uvicorn
-
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -78,13 +78,16 @@ def write_images(folder: Path, count: int, size: int = IMAGE_SIZE, seed: int = 0
 
 
 @contextlib.contextmanager
-def running_server(app, timeout: float = 30.0) -> Iterator[str]:
-    """Run an ASGI app with a real uvicorn server on 127.0.0.1 (a free port) in a thread;
-    yields its base URL and stops the server on exit."""
+def running_server(app, timeout: float = 30.0, limits=None) -> Iterator[str]:
+    """Run an ASGI app on 127.0.0.1 (a free port) in a thread with the server `instdisc serve`
+    runs (`serving.server.server_config`, `limits` or the defaults); yields its base URL and
+    stops the server on exit."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="on"))
+    from instdisc.serving.server import ServerLimits, server_config
+
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, limits or ServerLimits(),
+                                          access_log=False, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

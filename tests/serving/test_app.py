@@ -183,7 +183,9 @@ def test_micro_batcher_groups_up_to_max_batch_and_forwards_errors():
 
 
 def test_serving_imports_neither_torch_dvc_nor_prefect():
-    code = ("import sys, instdisc.serving.app, instdisc.serving.search, instdisc.cli; "
+    code = ("import sys, instdisc.serving.app, instdisc.serving.search, instdisc.cli, "
+            "instdisc.serving.server; instdisc.serving.server.protocol_class("
+            "instdisc.serving.server.ServerLimits()); "
             "print(sorted(m for m in ('torch', 'dvc', 'prefect', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
