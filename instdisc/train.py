@@ -396,11 +396,11 @@ def _autocast(params: PretrainParams, device: torch.device) -> Any:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu":
         if runtime.cpu_has_bf16():
-            log.info("bf16 autocast on the CPU (it has %s; pretrain.amp)",
-                     " / ".join(runtime.BF16_CPU_FLAGS))
+            log.info("bf16 autocast on the CPU (native bf16: %s; pretrain.amp)",
+                     " or ".join(runtime.BF16_CPU_FLAGS))
             return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-        log.info("fp32 on the CPU: it has no native bf16 (%s), where autocast would be slower",
-                 " / ".join(runtime.BF16_CPU_FLAGS))
+        log.info("fp32 on the CPU: it has no native bf16 (neither %s), where autocast would "
+                 "be slower", " nor ".join(runtime.BF16_CPU_FLAGS))
         return nullcontext
     log.info("fp32 on %s: pretrain.amp applies to CUDA and bf16-capable CPUs", device)
     return nullcontext

@@ -217,20 +217,23 @@ def test_cpu_training_autocasts_to_bf16_only_where_the_cpu_has_it(
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
     params = dataclasses.replace(TINY, epochs=1, amp=amp)
     caplog.set_level(logging.INFO, logger="instdisc.train")
-    seen = []
+    seen, embedded = [], []
     real = train.train_one_epoch
 
-    def spy(encoder, *args, **kwargs):  # the dtype of the encoder's output inside the loop
-        handle = encoder.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    def spy(encoder, *args, **kwargs):  # output dtypes of the trunk and the embedding
+        hooks = [encoder.trunk.register_forward_hook(lambda m, i, out: seen.append(out.dtype)),
+                 encoder.register_forward_hook(lambda m, i, out: embedded.append(out.dtype))]
         try:
             return real(encoder, *args, **kwargs)
         finally:
-            handle.remove()
+            for hook in hooks:
+                hook.remove()
 
     monkeypatch.setattr(train, "train_one_epoch", spy)
     trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
                   checkpoint_path=tmp_path / "last.pt")
     assert seen and set(seen) == {expected}
+    assert set(embedded) == {torch.float32}  # head + normalisation in fp32 under autocast too
     assert trainer.bank.features.dtype == torch.float32  # the bank and the loss stay fp32
     assert math.isfinite(trainer.history[0]["loss"])
     words = {torch.bfloat16: "bf16 autocast on the CPU",

@@ -8,6 +8,7 @@ followed by a linear layer to `feature_dim` (128 in the paper) and L2 normalisat
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -101,8 +102,15 @@ class Encoder(nn.Module):
         self.head = nn.Linear(self.trunk_dim, feature_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Unit-norm embeddings. x: (B, 3, H, W) -> (B, feature_dim)."""
-        return F.normalize(self.head(self.trunk(x)), dim=1)  # (B, D)
+        """Unit-norm embeddings. x: (B, 3, H, W) -> (B, feature_dim).
+
+        Under autocast the trunk runs in bf16/fp16 but the head and the normalisation run in
+        fp32: the embedding is what the bank stores and what 1/tau magnifies."""
+        pooled = self.trunk(x)                                  # (B, trunk_dim)
+        if torch.is_autocast_enabled(pooled.device.type):
+            with torch.autocast(pooled.device.type, enabled=False):
+                return F.normalize(self.head(pooled.float()), dim=1)  # (B, D) float32
+        return F.normalize(self.head(pooled), dim=1)  # (B, D)
 
     def pooled(self, x: Tensor) -> Tensor:
         """Global-average-pooled conv5 features, before the head. -> (B, trunk_dim)."""
