@@ -158,6 +158,9 @@ class PretrainParams:
     # held-out images for the per-epoch label-free metrics (alignment, uniformity, augmentation
     # retrieval; evaluate.label_free_images measures the final encoder the same way); 0 = off
     monitor_label_free: int = 1000
+    # monitors every this many epochs; 0: as often as keeps them under 10% of training time
+    # (train.MONITOR_SHARE); the first and last epoch always
+    monitor_every: int = 0
     log_every: int = 50  # a progress log line (loss, img/s, ETA) every this many steps; 0 = off
     # Processes (GPUs) per machine: > 1 makes the stage launch itself under torchrun
     # (instdisc.runtime.launch_command), so `dvc repro` records multi-GPU runs in dvc.lock.
@@ -187,6 +190,8 @@ class PretrainParams:
         _check(self.z_batches >= 1, "z_batches", self.z_batches, ">= 1")
         _check(0.0 <= self.z_momentum < 1.0, "z_momentum", self.z_momentum, "[0, 1)")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.monitor_every >= 0, "monitor_every", self.monitor_every,
+               ">= 0 (0: auto, under 10% of training time)")
         _check(self.min_steps >= 0, "min_steps", self.min_steps, ">= 0 (0: epochs alone)")
         _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
         _check(self.lr > 0, "lr", self.lr, "> 0")
@@ -245,7 +250,7 @@ class PretrainParams:
 # one keeps: logging and monitors leave training bit-identical; workers, decode, compile, layout,
 # amp and the process count give the same run up to floating-point rounding and data order).
 OPERATIONAL_KEYS = frozenset({
-    "amp", "channels_last", "compile", "num_workers", "decode",
+    "amp", "channels_last", "compile", "num_workers", "decode", "monitor_every",
     "monitor_queries", "monitor_label_free", "log_every",
     "nproc_per_node", "nnodes", "rdzv_endpoint",
 })

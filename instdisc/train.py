@@ -30,6 +30,7 @@ from instdisc import checkpoint, runtime
 from instdisc.errors import StageError
 from instdisc.config import OPERATIONAL_KEYS, PretrainParams
 from instdisc.data.prepared import PreparedDataset
+from instdisc.evaluate import label_free
 from instdisc.evaluate.knn import compute_features, knn_accuracy
 from instdisc.losses import build_loss
 from instdisc.memory_bank import MemoryBank
@@ -68,6 +69,28 @@ def schedule(params: PretrainParams, steps_per_epoch: int) -> Schedule:
         milestones = tuple(max(1, round(m * longer / epochs)) for m in milestones)
         epochs = longer
     return Schedule(epochs, milestones, steps_per_epoch)
+
+
+MONITOR_SHARE = 0.10  # monitor_every 0: monitoring costs at most this share of training time
+
+
+class MonitorPlan:
+    """Which epochs run the per-epoch monitors (kNN and label-free). `every` >= 1: every that
+    many epochs; 0: as often as keeps them under MONITOR_SHARE of the training time, priced on
+    the last monitored epoch (a small set's epochs are short and its monitor is not). The first
+    and the last epoch of a run are always monitored."""
+
+    def __init__(self, every: int, last_epoch: int) -> None:
+        self.every, self.last_epoch = every, last_epoch
+        self.interval, self.next = max(1, every), 0
+
+    def due(self, epoch: int) -> bool:
+        return epoch >= self.next or epoch == self.last_epoch
+
+    def record(self, epoch: int, train_seconds: float, monitor_seconds: float) -> None:
+        if not self.every and train_seconds > 0:
+            self.interval = max(1, math.ceil(monitor_seconds / (MONITOR_SHARE * train_seconds)))
+        self.next = epoch + self.interval
 
 
 class Progress:
@@ -315,10 +338,14 @@ def fit(params: PretrainParams, *, seed: int, device: torch.device, prepared_dir
         log.info("%d epochs of %d steps (pretrain.min_steps %d; pretrain.epochs %d), lr "
                  "milestones %s", plan.epochs, plan.steps_per_epoch, params.min_steps,
                  params.epochs, list(plan.milestones))
+    monitors = MonitorPlan(params.monitor_every, plan.epochs - 1)
     for epoch in range(start, plan.epochs):
         if stop_after is not None and epoch - start >= stop_after:
             break
-        row = run_epoch(trainer, epoch, seed, autocast)
+        due = monitors.due(epoch) or epoch == start
+        row = run_epoch(trainer, epoch, seed, autocast, monitor=due)
+        if due:
+            monitors.record(epoch, row["seconds"], row["monitor_seconds"])
         history.append(row)
         if dist.is_main:
             checkpoint.atomic_save(trainer.state(epoch + 1, history, prepared.fingerprint),
@@ -352,8 +379,10 @@ def _monitor_text(row: dict[str, float]) -> str:
     return "  ".join(f"{name} {row[name]:.4g}" for name in names if name in row)
 
 
-def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[str, float]:
-    """Reseed, set the learning rate, train one epoch, monitor; returns the history row."""
+def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any,
+              monitor: bool = True) -> dict[str, float]:
+    """Reseed, set the learning rate, train one epoch, monitor (unless `monitor` is False: its
+    columns are then nan); returns the history row, with the seconds spent on each."""
     params, plan = trainer.params, trainer.schedule
     lr = lr_at(epoch, params.lr, plan.milestones, params.lr_gamma)
     for group in trainer.optimizer.param_groups:
@@ -369,14 +398,19 @@ def run_epoch(trainer: Trainer, epoch: int, seed: int, autocast: Any) -> dict[st
     finally:
         progress.close()
     seconds = time.perf_counter() - start
-    knn_top1 = knn_monitor(trainer.encoder, trainer.bank, trainer.data, params.temperature)
-    with torch.random.fork_rng(devices=[]):  # seeded views; training's RNG stream untouched
-        free = trainer.data.label_free_metrics(trainer.encoder, seed)
+    knn_top1 = float("nan")
+    free = dict.fromkeys(label_free.METRICS if trainer.data.label_free_images is not None
+                         else (), float("nan"))
+    if monitor:
+        knn_top1 = knn_monitor(trainer.encoder, trainer.bank, trainer.data, params.temperature)
+        with torch.random.fork_rng(devices=[]):  # seeded views; training's RNG stream untouched
+            free = trainer.data.label_free_metrics(trainer.encoder, seed)
+    monitor_seconds = time.perf_counter() - start - seconds
     z = next((m.z for m in _unwrap(trainer.loss_fn).modules() if hasattr(m, "z")), float("nan"))
     row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": lr, "z": float(z),
            "knn_top1": knn_top1, **free,
            "images_per_second": stats["images"] * trainer.dist.world_size / seconds,
-           "seconds": seconds}
+           "seconds": seconds, "monitor_seconds": monitor_seconds}
     left = (time.perf_counter() - start) * (plan.epochs - epoch - 1)
     log.info("epoch %d/%d  loss %.4f  lr %.4g  Z %.4g  kNN %.2f%%  %.0f img/s  ETA %s  %s",
              epoch + 1, plan.epochs, row["loss"], lr, row["z"], knn_top1,

@@ -260,3 +260,33 @@ def test_a_min_steps_run_trains_that_many_steps(small_prepared, tmp_path):
     assert len(trainer.history) == 4                      # ceil(10 / 3) epochs, not 2
     lrs = [r["lr"] for r in trainer.history]              # the milestone moves from 1 to 2
     assert lrs == pytest.approx([0.03, 0.03, 0.003, 0.003])
+
+
+def test_monitor_plan_keeps_monitoring_under_its_share_of_training_time():
+    from instdisc.train import MonitorPlan
+
+    fixed = MonitorPlan(every=3, last_epoch=7)
+    due = []
+    for epoch in range(8):
+        if fixed.due(epoch):
+            due.append(epoch)
+            fixed.record(epoch, train_seconds=1.0, monitor_seconds=5.0)  # ignored: fixed
+    assert due == [0, 3, 6, 7]
+    auto = MonitorPlan(every=0, last_epoch=99)
+    auto.record(0, train_seconds=2.0, monitor_seconds=0.7)   # 35% of 2 s: every 4th epoch
+    assert [e for e in range(1, 9) if auto.due(e)] == [4, 5, 6, 7, 8]
+    auto.record(4, train_seconds=2.0, monitor_seconds=0.1)   # cheap now: every epoch
+    assert auto.due(5) and auto.due(99)
+
+
+def test_unmonitored_epochs_have_nan_monitor_columns(small_prepared, tmp_path):
+    params = dataclasses.replace(TINY, epochs=4, lr_milestones=(), monitor_every=2,
+                                 monitor_label_free=8)
+    trainer = fit(params, seed=0, device=CPU, prepared_dir=small_prepared,
+                  checkpoint_path=tmp_path / "last.pt")
+    knn = [r["knn_top1"] for r in trainer.history]
+    assert [math.isfinite(v) for v in knn] == [True, False, True, True]   # 0, 2 and the last
+    free = [r["uniformity"] for r in trainer.history]
+    assert [math.isfinite(v) for v in free] == [True, False, True, True]
+    assert set(trainer.history[1]) == set(trainer.history[0])            # one CSV schema
+    assert trainer.history[1]["monitor_seconds"] < trainer.history[0]["monitor_seconds"]

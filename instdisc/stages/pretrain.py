@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "knn_top1_monitor": last.get("knn_top1"),
                    "images_per_second": last.get("images_per_second"),
                    "train_seconds": sum(r["seconds"] for r in history),
+                   "monitor_seconds": sum(r.get("monitor_seconds", 0.0) for r in history),
                    "label_free": {name: last[name] for name in label_free.METRICS
                                   if name in last},
                    "random_init": {k: v for k, v in trainer.initial.items() if k != "epoch"},
