@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 from instdisc.stages import (
-    _common, detection, evaluate, export, linear, places, prepare, pretrain, semi_supervised)
+    _common, detection, evaluate, export, index, linear, places, prepare, pretrain,
+    semi_supervised)
 
 log = logging.getLogger("instdisc")
 
-STAGE_MODULES = (prepare, pretrain, evaluate, export, linear, places, semi_supervised, detection)
+STAGE_MODULES = (prepare, pretrain, evaluate, export, index, linear, places, semi_supervised,
+                 detection)
 
 
 def _is_uri(model: str) -> bool:
@@ -81,7 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(_open_embedder(args, strict=not args.allow_cpu_fallback), index=index,
                      model_version=version, limits=limits, max_batch=args.max_batch,
                      max_wait_ms=args.max_wait_ms, decode_threads=args.decode_threads,
-                     ann=ann, ann_kind=kind, api_key=api_key, docs=args.docs)
+                     ann=ann, ann_kind=kind, api_key=api_key, docs=args.docs,
+                     server_limits=server_limits)
     serve(app, host=args.host, port=args.port, limits=server_limits,
           access_log=not args.no_access_log)
 

@@ -318,6 +318,19 @@ class ExportParams:
         _check(bool(self.alias), "alias", self.alias, "a non-empty alias")
 
 
+@dataclass(frozen=True)
+class IndexParams:
+    """Stage `index`: the exported model's embeddings of a prepared split, for `serve --index`."""
+
+    split: str = "train"  # prepared split to index
+    ann: Literal["none", "hnsw", "ivf"] = "none"  # also a FAISS index (serve --ann)
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(bool(self.split), "split", self.split, "a prepared split name")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+
+
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
@@ -453,6 +466,7 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainParams,
     "evaluate": EvaluateParams,
     "export": ExportParams,
+    "index": IndexParams,
     "linear": LinearParams,
     "places": PlacesParams,
     "semi_supervised": SemiSupervisedParams,

@@ -305,15 +305,23 @@ def split_pixels(prepared_dir: Path, split_name: str, count: int, image_size: tu
     split = PreparedDataset.open(prepared_dir).split(split_name)
     rows = np.unique(np.linspace(0, split.num_items - 1, min(count, split.num_items)).round())
     rows = rows.astype(np.int64)                                                 # (n,)
-    labels = split.labels.numpy()[rows]                                          # (n,)
+    return rows_pixels(split, rows, image_size, resize), split.labels.numpy()[rows]
+
+
+def rows_pixels(split: Any, rows: np.ndarray, image_size: tuple[int, int],
+                resize: int | None = None) -> np.ndarray:
+    """Items `rows` (int64 (n,)) of a prepared split (`SplitData`) as uint8 (n, H, W, 3) at the
+    model input, preprocessed as serving does (`fit_image`) when stored at another size."""
+    from PIL import Image
+
     if split.images is not None:
         images = split.images.numpy()[rows]                                      # (n, h, w, 3)
         if tuple(images.shape[1:3]) == tuple(image_size):
-            return np.ascontiguousarray(images), labels
+            return np.ascontiguousarray(images)
         sources = [Image.fromarray(image, "RGB") for image in images]
     else:
         sources = [load_rgb(split.paths[r]) for r in rows]
-    return np.stack([fit_image(s, image_size, resize) for s in sources]), labels  # (n, H, W, 3)
+    return np.stack([fit_image(s, image_size, resize) for s in sources])          # (n, H, W, 3)
 
 
 class _Calibration:

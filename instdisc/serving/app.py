@@ -263,13 +263,14 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                max_batch: int = 64, max_wait_ms: float = 2.0,
                decode_threads: int | None = None, ann: Any | None = None,
                ann_kind: str | None = None, api_key: str | None = None,
-               docs: bool = False) -> FastAPI:
+               docs: bool = False, server_limits: Any | None = None) -> FastAPI:
     """The FastAPI app serving `embedder` (and `index` for /search); see the module docstring.
 
     `ann` is a FAISS index over `index`'s embeddings (`instdisc.serving.ann.load_faiss`, of
     kind `ann_kind`): /search then answers from it unless the request asks ?exact=true.
     With `api_key`, every route but /health needs `Authorization: Bearer <api_key>` (else 401).
-    `docs` publishes /docs and /openapi.json (off by default).
+    `docs` publishes /docs and /openapi.json (off by default). `server_limits`
+    (`serving.server.ServerLimits`, what the server runs with) is shown in /metadata.
     """
     if index is not None:
         index.check_model(embedder)
@@ -298,6 +299,7 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
     app = FastAPI(title="instdisc embedding service", lifespan=lifespan,
                   **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
     counters = RequestMetrics(batcher)
+    counters.model.labels(sha256).set(1)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(Guard, api_key=api_key, metrics=counters)  # outermost: auth, then metrics
     _add_error_handlers(app, limits)
@@ -377,7 +379,9 @@ def create_app(embedder: Embedder, *, index: Index | None = None,
                 "provider": embedder.provider, "device": embedder.device, "info": info.as_dict(),
                 "index": None if index is None else {"num_items": len(index.ids),
                                                      "name": index.root.name, "search": method},
-                "limits": dataclasses.asdict(limits),
+                "limits": {**dataclasses.asdict(limits),
+                           **(dataclasses.asdict(server_limits) if server_limits else {})},
+                "auth": api_key is not None,
                 "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
                              "batches": batcher.batches, "images": batcher.images}}
 
@@ -407,6 +411,8 @@ class RequestMetrics:
               ).set_function(lambda: batcher.batches)
         Gauge("instdisc_batched_images", "images embedded by the micro-batcher",
               registry=self.registry).set_function(lambda: batcher.images)
+        self.model = Gauge("instdisc_model_info", "the served model (value 1)", ["sha256"],
+                           registry=self.registry)
 
     @property
     def content_type(self) -> str:
@@ -467,7 +473,15 @@ def _add_error_handlers(app: FastAPI, limits: Limits) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        headers = {"Retry-After": "1"} if err.status == 503 else None
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+
+    @app.exception_handler(MemoryError)
+    async def out_of_memory(request: Request, _: MemoryError) -> JSONResponse:
+        log.warning("out of memory on %s %s: answered 503", request.method, request.url.path)
+        return JSONResponse({"error": "the server ran out of memory for this request; retry "
+                                      "later or send a smaller image"}, status_code=503,
+                            headers={"Retry-After": "5"})
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(_: Request, err: BodyTooLarge) -> JSONResponse:

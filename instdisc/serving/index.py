@@ -175,8 +175,7 @@ def build_index(embedder: Embedder, inputs: Path | Sequence[Path], out_dir: Path
     source = open_source([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
     if not source.ids:
         raise ValueError(f"no image files in {source.location} ({source.ignored} other files)")
-    model = {"path": str(embedder.model_path), "sha256": file_sha256(embedder.model_path),
-             "info": embedder.info.as_dict()}
+    model = model_record(embedder)
     shards = _Shards(out_dir / SHARDS, {"source": source.describe(), "sha256": model["sha256"]})
     done = {i for ids, failed, _ in shards.load() for i in ids + [f["id"] for f in failed]}
     todo = [i for i in source.ids if i not in done]
@@ -187,6 +186,31 @@ def build_index(embedder: Embedder, inputs: Path | Sequence[Path], out_dir: Path
         _embed_into_shards(embedder, source.read(todo), shards, shard_size, bar,
                            workers or min(8, os.cpu_count() or 1))
     return _finish(out_dir, shards, source, model, embedder.feature_dim)
+
+
+def model_record(embedder: Embedder) -> dict[str, Any]:
+    """index.json's "model": the file, its sha256 (what `Index.check_model` compares), its info."""
+    return {"path": str(embedder.model_path), "sha256": file_sha256(embedder.model_path),
+            "info": embedder.info.as_dict()}
+
+
+def write_index(out_dir: Path, ids: Sequence[str], embeddings: np.ndarray,
+                source: dict[str, Any], embedder: Embedder) -> dict[str, Any]:
+    """An index folder from embeddings in memory (float32 (N, D) unit rows, row i = ids[i]), in
+    the layout `build_index` writes; index.json last. Returns index.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(ids) != len(embeddings):
+        raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
+    (out_dir / "index.json").unlink(missing_ok=True)  # unfinished until it is written again
+    _save_npy(out_dir / "embeddings.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
+    ids_text = "".join(f"{i}\n" for i in ids).encode()
+    atomic_write(out_dir / "ids.txt", lambda handle: handle.write(ids_text))
+    report = {"format_version": FORMAT_VERSION, "source": source, "model": model_record(embedder),
+              "num_items": len(ids), "feature_dim": int(embeddings.shape[1]), "failed": [],
+              "ignored": 0}
+    _write_json(out_dir / "index.json", report)
+    return report
 
 
 def _embed_into_shards(embedder: Embedder, items: Iterator[tuple[str, Path | bytes]],

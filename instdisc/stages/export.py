@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tracking.log_artifact(variants[1].path, artifact_path="fp16")
         if "int8" in exported:
             tracking.log_artifact(int8.path, artifact_path="int8")
+        if int8 is not None:
+            tracking.set_tags({"export.int8": "shipped" if "int8" in exported else "rejected"})
         if params.register:
             metrics["registry"] = register(params, out, exported["fp32"], metrics, run_id,
                                            train_run_id=tracking.find_run(

@@ -1,3 +1,4 @@
+import io
 import json
 import logging
 import shutil
@@ -309,6 +310,12 @@ def test_a_rejected_int8_is_left_out_and_fp32_still_exports(stage_dir, monkeypat
     assert not stale.exists() and stale.parent.is_dir()  # the dvc out folder stays, empty
     assert not list(stale.parent.glob(".*staged"))
     assert Embedder(stage_dir / "models" / "encoder.onnx", device="cpu").info.dtype == "float32"
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`instdisc.stage` = 'export'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs[0].data.tags["export.int8"] == "rejected"
 
 
 def test_export_stage_fails_when_a_required_int8_loses_knn_accuracy(stage_dir, monkeypatch,
@@ -319,3 +326,41 @@ def test_export_stage_fails_when_a_required_int8_loses_knn_accuracy(stage_dir, m
     assert "int8 kNN gate failed" in caplog.text and "int8_max_knn_drop" in caplog.text
     assert not (stage_dir / "models" / "int8" / "encoder.int8.onnx").exists()
     assert not (stage_dir / "models" / "encoder.onnx").exists()  # nothing moved into place
+
+
+@pytest.mark.parametrize("ann", ["none", "hnsw"])
+def test_index_stage_embeds_the_train_split_for_serve_search(stage_dir, prepared, ann):
+    import httpx
+    from PIL import Image
+    from serving_helpers import running_server
+
+    from instdisc.data.prepared import PreparedDataset
+    from instdisc.export import rows_pixels
+    from instdisc.serving.app import create_app
+    from instdisc.serving.search import load_index
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["export"].update(parity_batch=4, register=False, int8=False)
+    params["index"].update(ann=ann, batch_size=3)                 # several blocks of 3
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["export"]) == 0
+    assert cli.main(["index"]) == 0
+    index = load_index(stage_dir / "models" / "index")
+    split = PreparedDataset.open(prepared).split("train")
+    classes = PreparedDataset.open(prepared).classes
+    assert index.ids == [f"train/{classes[label]}/{row:06d}"
+                         for row, label in enumerate(split.labels.tolist())]
+    metrics = json.loads((stage_dir / "metrics" / "index.json").read_text())
+    assert metrics["num_items"] == split.num_items == len(index.ids)
+    embedder = Embedder(stage_dir / "models" / "encoder.onnx", device="cpu")
+    pixels = rows_pixels(split, np.arange(split.num_items), embedder.info.image_size)
+    np.testing.assert_allclose(index.embeddings, embedder.embed(pixels), atol=1e-6)
+    assert (ann == "hnsw") == (stage_dir / "models" / "index" / "faiss.index").is_file()
+    # what `serve --index models/index` answers: an uploaded training image finds its own row
+    raw = split.images.numpy()[2]                                               # (h, w, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(raw).save(buffer, format="PNG")
+    with running_server(create_app(embedder, index=index)) as url:
+        hits = httpx.post(f"{url}/search", params={"k": 2}, content=buffer.getvalue(),
+                          headers={"content-type": "image/png"}).json()["hits"]
+    assert hits[0]["id"] == index.ids[2] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)

@@ -19,6 +19,7 @@ from serving_helpers import running_server, write_images
 from serving_helpers import tiny, embedder  # noqa: F401 (fixtures)
 
 from conftest import wait_healthy
+from instdisc.io import file_sha256
 from instdisc.serving.app import Limits, create_app
 from instdisc.serving.embedder import Embedder
 from instdisc.serving.server import ServerLimits
@@ -124,6 +125,7 @@ def test_images_over_max_pending_are_a_503_until_the_session_catches_up(tiny, tm
         assert held.entered.wait(10)                              # one image in the session
         busy = client.post("/embed", content=body, headers=headers)
         assert busy.status_code == 503 and "service busy" in busy.json()["error"]
+        assert busy.headers["retry-after"] == "1"
         assert "--max-pending" in busy.json()["error"]
         held.release.set()
         worker.join(30)
@@ -133,6 +135,7 @@ def test_images_over_max_pending_are_a_503_until_the_session_catches_up(tiny, tm
         assert 'instdisc_requests_total{route="/embed",status="503"} 1.0' in metrics
         assert 'instdisc_requests_total{route="/embed",status="200"} 2.0' in metrics
         assert "instdisc_images_pending 0.0" in metrics and "instdisc_batches 2.0" in metrics
+        assert f'instdisc_model_info{{sha256="{file_sha256(tiny.onnx_path)}"}} 1.0' in metrics
 
 
 def test_an_api_key_guards_every_route_but_health_and_docs_are_off_by_default(embedder):
